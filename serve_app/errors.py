@@ -1,0 +1,102 @@
+"""The service's error hierarchy and its one mapping to HTTP statuses.
+
+Every error crosses Ray process boundaries, so each keeps all of its constructor arguments in
+`args` (the default exception pickling calls `cls(*args)`).
+"""
+
+from __future__ import annotations
+
+
+class ServiceError(Exception):
+    """Base of every error a user can be shown. `str(e)` is the user-facing message."""
+
+    code = "internal_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+
+    @property
+    def message(self) -> str:
+        return str(self.args[0])
+
+
+class InvalidJob(ServiceError):
+    """The job JSON or its config breaks the contract."""
+
+    code = "invalid_job"
+
+
+class UnknownJobType(InvalidJob):
+    code = "unknown_job_type"
+
+
+class UploadTooLarge(ServiceError):
+    """The upload is over the byte limit (checked while reading, before buffering more)."""
+
+    code = "upload_too_large"
+
+
+class VideoLimitExceeded(ServiceError):
+    """The video decodes but is over a documented cap (width, height, frames, fps)."""
+
+    code = "video_limit_exceeded"
+
+
+class UnsupportedMedia(ServiceError):
+    """Not an mp4/mov, no decodable video stream, an unsupported codec, or a truncated file."""
+
+    code = "unsupported_media"
+
+
+class Unauthorized(ServiceError):
+    code = "unauthorized"
+
+
+class Overloaded(ServiceError):
+    """The queue is full; try again after `retry_after_s` seconds."""
+
+    code = "overloaded"
+
+    def __init__(self, message: str, retry_after_s: int = 5) -> None:
+        Exception.__init__(self, message, retry_after_s)
+
+    @property
+    def retry_after_s(self) -> int:
+        return int(self.args[1])
+
+
+class ModelError(ServiceError):
+    """The tracker failed on a valid input (our fault, not the user's)."""
+
+    code = "model_error"
+
+
+class ModelUnavailable(ServiceError):
+    """The model cannot be loaded (no weights configured, no device)."""
+
+    code = "model_unavailable"
+
+
+# The one table from error type to HTTP status. Most specific class first; anything not listed
+# (and any non-ServiceError) is a 500 with the request id logged.
+#
+# Invalid config is 400, not 422: the official client of the API we follow treats 400/401/403
+# as final user errors and retries every other failure once, so a 422 would send the same bad
+# request twice.
+HTTP_STATUS: tuple[tuple[type[ServiceError], int], ...] = (
+    (InvalidJob, 400),
+    (Unauthorized, 401),
+    (UploadTooLarge, 413),
+    (VideoLimitExceeded, 413),
+    (UnsupportedMedia, 415),
+    (Overloaded, 429),
+    (ModelUnavailable, 503),
+    (ModelError, 500),
+)
+
+
+def http_status(exc: BaseException) -> int:
+    for cls, status in HTTP_STATUS:
+        if isinstance(exc, cls):
+            return status
+    return 500

@@ -1,0 +1,117 @@
+"""Typed values passed between the pipeline stages (decode -> track -> composite -> encode).
+
+Frames are RGB uint8 in *display* orientation: exactly what a player shows, rotation applied.
+The encoder turns them back to the input's coded orientation and writes the same rotation
+metadata, so the output has the input's width, height and display matrix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from fractions import Fraction
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Limits(BaseModel):
+    """Caps on what the service accepts. Checked before any frame is decoded."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_bytes: int = Field(100 * 1024 * 1024, gt=0, description="Upload size (100 MB).")
+    # 4K UHD either way round; 8K is refused (a single 8K frame is 100 MB of RGB).
+    max_long_side: int = Field(3840, gt=0, description="Longest side of the picture, pixels.")
+    max_short_side: int = Field(2160, gt=0, description="Shortest side of the picture, pixels.")
+    # 10 minutes at 30 fps. Memory stays flat in length; this bounds one request's GPU time.
+    max_frames: int = Field(18_000, gt=0, description="Presented frames.")
+    max_fps: float = Field(240.0, gt=0, description="Average frames per second.")
+
+
+@dataclass(frozen=True)
+class AudioInfo:
+    codec: str            # FFmpeg codec name, e.g. "aac", "mp3", "pcm_s16le"
+    copyable: bool        # mp4 can hold it as is (else it is transcoded to AAC)
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    """What the probe learned about an accepted upload."""
+
+    width: int                      # coded width (what the encoder must write)
+    height: int                     # coded height
+    num_frames: int                 # frames a player presents (edit lists applied)
+    pts: tuple[int, ...]            # presentation timestamp of each presented frame, in time_base
+    time_base: Fraction
+    avg_fps: Fraction               # the stream's average frame rate
+    rotation: int = 0               # display rotation, degrees counter-clockwise: 0, 90, 180, 270
+    codec: str = "h264"
+    pix_fmt: str = "yuv420p"
+    decoder: str = "decord"         # which decoder the probe chose: "decord" | "pyav"
+    decoder_reason: str = ""        # why (logged and shown in x-decoder header)
+    audio: AudioInfo | None = None
+    size_bytes: int = 0
+
+    @property
+    def display_size(self) -> tuple[int, int]:
+        """(width, height) of the frames the decoder yields: rotation applied."""
+        if self.rotation % 180 == 90:
+            return self.height, self.width
+        return self.width, self.height
+
+
+@dataclass
+class FrameChunk:
+    """Consecutive decoded frames: `frames[i]` is frame number `start + i`."""
+
+    start: int
+    frames: np.ndarray              # (n, H, W, 3) uint8 RGB, display orientation
+
+    def __len__(self) -> int:
+        return int(self.frames.shape[0])
+
+
+@dataclass
+class Detections:
+    """The objects found on one frame. Conventions follow SAM 3's own outputs."""
+
+    frame_index: int
+    obj_ids: np.ndarray             # (N,) int64, stable across frames for one tracked object
+    scores: np.ndarray              # (N,) float32 in [0, 1]
+    boxes_xywh: np.ndarray          # (N, 4) float32, normalised to [0, 1] of display width/height
+    masks: np.ndarray               # (N, H, W) bool at display resolution
+
+    @classmethod
+    def empty(cls, frame_index: int, height: int, width: int) -> "Detections":
+        return cls(
+            frame_index=frame_index,
+            obj_ids=np.zeros((0,), np.int64),
+            scores=np.zeros((0,), np.float32),
+            boxes_xywh=np.zeros((0, 4), np.float32),
+            masks=np.zeros((0, height, width), bool),
+        )
+
+    def __len__(self) -> int:
+        return int(self.obj_ids.shape[0])
+
+    def keep(self, min_score: float) -> "Detections":
+        """Only the objects scoring at least `min_score` (the job's confidence_threshold)."""
+        sel = self.scores >= min_score
+        if sel.all():
+            return self
+        return Detections(
+            self.frame_index, self.obj_ids[sel], self.scores[sel], self.boxes_xywh[sel], self.masks[sel]
+        )
+
+
+@dataclass
+class StageTimings:
+    """Milliseconds spent in each stage of one request (reported as x-*-ms headers)."""
+
+    probe_ms: float = 0.0
+    decode_ms: float = 0.0
+    track_ms: float = 0.0
+    composite_ms: float = 0.0
+    encode_ms: float = 0.0
+    total_ms: float = 0.0
+    extra: dict[str, float] = field(default_factory=dict)

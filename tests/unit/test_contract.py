@@ -1,0 +1,77 @@
+import pickle
+
+import pytest
+
+from serve_app.contract import JOB_TYPE, JobConfig, parse_config, parse_job
+from serve_app.errors import (
+    HTTP_STATUS,
+    InvalidJob,
+    Overloaded,
+    ServiceError,
+    UnknownJobType,
+    UnsupportedMedia,
+    UploadTooLarge,
+    http_status,
+)
+
+
+def test_defaults_match_the_documented_contract():
+    cfg = parse_config({"prompt": "fish"})
+    assert cfg == JobConfig(prompt="fish", confidence_threshold=0.5, mode="mask", alpha=0.5)
+
+
+def test_full_job_envelope_parses():
+    job = parse_job({"type": JOB_TYPE, "config": {"prompt": "fish", "mode": "overlay", "alpha": 0.3}})
+    assert job.config.mode == "overlay" and job.config.alpha == 0.3
+
+
+@pytest.mark.parametrize(
+    "config, words",
+    [
+        ({}, ["config.prompt", "required"]),
+        ({"prompt": ""}, ["config.prompt", "0 characters", "1 to 500"]),
+        ({"prompt": "x" * 501}, ["config.prompt", "501 characters", "1 to 500"]),
+        ({"prompt": "   "}, ["config.prompt", "non-space"]),
+        ({"prompt": "a", "confidence_threshold": 1.5}, ["config.confidence_threshold", "1.5", "0.0 and 1.0"]),
+        ({"prompt": "a", "alpha": -0.1}, ["config.alpha", "-0.1", "0.0 and 1.0"]),
+        ({"prompt": "a", "mode": "boxes"}, ["config.mode", "'boxes'", "mask", "overlay"]),
+        ({"prompt": "a", "confidence_treshold": 0.2}, ["config.confidence_treshold", "not a known field"]),
+    ],
+)
+def test_invalid_config_names_field_limit_and_value(config, words):
+    with pytest.raises(InvalidJob) as info:
+        parse_config(config)
+    for word in words:
+        assert word in str(info.value)
+
+
+def test_boundaries_are_inclusive():
+    assert parse_config({"prompt": "x" * 500, "confidence_threshold": 0.0, "alpha": 1.0}).alpha == 1.0
+
+
+def test_unknown_job_type_is_named():
+    with pytest.raises(UnknownJobType, match="inference.flux"):
+        parse_job({"type": "inference.flux.txt2img.v1", "config": {"prompt": "a"}})
+
+
+def test_non_object_job_is_rejected():
+    with pytest.raises(InvalidJob, match="JSON object"):
+        parse_job(["prompt"])
+
+
+@pytest.mark.parametrize(
+    "exc", [InvalidJob("bad"), UploadTooLarge("big"), UnsupportedMedia("nope"), Overloaded("full", 7)]
+)
+def test_errors_survive_pickling(exc):
+    back = pickle.loads(pickle.dumps(exc))
+    assert type(back) is type(exc) and str(back) == str(exc) and back.args == exc.args
+
+
+def test_status_table():
+    assert http_status(UnknownJobType("x")) == 400
+    assert http_status(UploadTooLarge("x")) == 413
+    assert http_status(UnsupportedMedia("x")) == 415
+    assert http_status(Overloaded("x", 3)) == 429
+    assert Overloaded("x", 3).retry_after_s == 3
+    assert http_status(ValueError("ours")) == 500
+    assert all(issubclass(cls, ServiceError) for cls, _ in HTTP_STATUS)
