@@ -1,0 +1,139 @@
+"""The whole job in one process: probe -> decode -> track -> composite -> encode.
+
+The Ray graph runs the same stages in separate deployments; `composite_and_encode` is the
+piece both share, so the local path and the served path cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+
+import numpy as np
+
+from serve_app.contract import JobConfig
+from serve_app.errors import ModelError
+from serve_app.trackers import Tracker
+from serve_app.types import Detections, FrameChunk, Limits, StageTimings, VideoInfo
+
+Progress = Callable[[int, int], None]  # (frames written, frames in all)
+
+
+class FrameBuffer:
+    """Passes decoded chunks to the tracker and keeps them until their detections come back.
+
+    The tracker may lag behind its input (SAM 3 holds outputs back `hotstart_delay` frames), so
+    a frame is released only when the compositor has taken it; memory is bounded by that lag.
+    With `keep=False` (mask mode) nothing is kept: the mask needs no pixels.
+    """
+
+    def __init__(self, chunks: Iterable[FrameChunk], keep: bool) -> None:
+        self._chunks = iter(chunks)
+        self._keep = keep
+        self._held: deque[FrameChunk] = deque()
+        self.decode_s = 0.0
+
+    def __iter__(self) -> Iterator[FrameChunk]:
+        while True:
+            t = time.perf_counter()
+            chunk = next(self._chunks, None)
+            self.decode_s += time.perf_counter() - t
+            if chunk is None:
+                return
+            if self._keep:
+                self._held.append(chunk)
+            yield chunk
+
+    def frame(self, index: int) -> np.ndarray | None:
+        if not self._keep:
+            return None
+        while self._held and self._held[0].start + len(self._held[0]) <= index:
+            self._held.popleft()
+        if not self._held or self._held[0].start > index:
+            raise ModelError(f"frame {index} was asked for after it was released")
+        head = self._held[0]
+        return head.frames[index - head.start]
+
+
+def composite_and_encode(
+    detections: Iterable[Detections],
+    frame_at: Callable[[int], np.ndarray | None],
+    info: VideoInfo,
+    config: JobConfig,
+    src_path: str | os.PathLike,
+    dst_path: str | os.PathLike,
+    progress: Progress | None = None,
+    timings: StageTimings | None = None,
+) -> StageTimings:
+    """Render each frame's kept objects and write the mp4 (audio taken from `src_path`).
+
+    `detections` must hold exactly one entry per frame, in order; `frame_at(i)` gives frame i
+    (RGB, display orientation) in overlay mode and may return None in mask mode. Time spent
+    waiting on `detections` is counted as tracking.
+    """
+    from serve_app.composite import Compositor
+    from serve_app.video.encode import Mp4Writer
+
+    timings = timings or StageTimings()
+    width, height = info.display_size
+    compositor = Compositor(config.mode, config.alpha, height=height, width=width)
+    det_iter = iter(detections)
+    written = 0
+    with Mp4Writer(dst_path, info, audio_source=src_path) as writer:
+        while True:
+            t0 = time.perf_counter()
+            dets = next(det_iter, None)
+            t1 = time.perf_counter()
+            timings.track_ms += (t1 - t0) * 1e3
+            if dets is None:
+                break
+            if dets.frame_index != written:
+                raise ModelError(f"tracker returned frame {dets.frame_index} where frame {written} was due")
+            picture = compositor(frame_at(written), dets.keep(config.confidence_threshold))
+            t2 = time.perf_counter()
+            writer.write(picture)
+            t3 = time.perf_counter()
+            timings.composite_ms += (t2 - t1) * 1e3
+            timings.encode_ms += (t3 - t2) * 1e3
+            written += 1
+            if progress is not None:
+                progress(written, info.num_frames)
+        t = time.perf_counter()
+    timings.encode_ms += (time.perf_counter() - t) * 1e3  # flushing the encoder and the moov move
+    if written != info.num_frames:
+        raise ModelError(f"tracker returned {written} frames; the video has {info.num_frames}")
+    return timings
+
+
+def run_local(
+    src_path: str | os.PathLike,
+    dst_path: str | os.PathLike,
+    config: JobConfig,
+    tracker: Tracker,
+    limits: Limits = Limits(),
+    progress: Progress | None = None,
+    chunk_frames: int = 16,
+) -> StageTimings:
+    """Segment `src_path` into `dst_path` in this process. Returns per-stage milliseconds."""
+    from serve_app.video.decode import iter_chunks
+    from serve_app.video.probe import probe
+
+    start = time.perf_counter()
+    timings = StageTimings()
+    info = probe(src_path, limits)
+    timings.probe_ms = (time.perf_counter() - start) * 1e3
+
+    frames = FrameBuffer(iter_chunks(src_path, info, chunk_frames), keep=config.mode == "overlay")
+    detections = tracker.track(frames, info, config)
+    try:
+        composite_and_encode(detections, frames.frame, info, config, src_path, dst_path, progress, timings)
+    finally:
+        close = getattr(detections, "close", None)
+        if close is not None:
+            close()  # a generator tracker frees its session even when we stop early
+    timings.decode_ms = frames.decode_s * 1e3
+    timings.track_ms = max(0.0, timings.track_ms - timings.decode_ms)  # decode ran inside the tracker's pulls
+    timings.total_ms = (time.perf_counter() - start) * 1e3
+    return timings
