@@ -109,5 +109,10 @@ def _decord_frames(path, info: VideoInfo) -> Iterator[np.ndarray]:
 
 
 def _first_line(exc: BaseException) -> str:
+    import re
+
     lines = [ln for ln in str(exc).splitlines() if ln.strip()]
-    return lines[-1][:160] if lines else type(exc).__name__
+    if not lines:
+        return type(exc).__name__
+    # Drop decord's "[12:00:00] /src/path.cc:123: " prefix: it means nothing to a user.
+    return re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", lines[-1])[:160]

@@ -40,6 +40,9 @@ class Mp4Writer:
 
         self.info = info
         self.frames_written = 0
+        self._length = _stream_length(info)
+        self._first_dts = None
+        self._held = None
         self._closed = False
         self._out = av.open(os.fspath(dst_path), "w", format="mp4", options={"movflags": "+faststart"})
         try:
@@ -88,19 +91,35 @@ class Mp4Writer:
         vf = av.VideoFrame.from_ndarray(frame, format="rgb24" if frame.ndim == 3 else "gray")
         vf.pts = self.info.pts[i]
         vf.time_base = self.info.time_base
-        for packet in self._video.encode(vf):
-            self._out.mux(packet)
+        self._mux_video(self._video.encode(vf))
         self.frames_written += 1
         if self._audio is not None:
             self._audio.pump(float((self.info.pts[i] - self.info.pts[0]) * self.info.time_base) + _AUDIO_LEAD_S)
+
+    def _mux_video(self, packets, final: bool = False) -> None:
+        # The mp4 muxer makes each sample last until the next one's decode timestamp, and the
+        # stream end the last packet's dts + duration; the demuxer's average frame rate is
+        # frames / that length. So the last packet (in decode order) is held back and given
+        # the duration that makes the stream exactly as long as the input's.
+        for packet in packets:
+            if self._first_dts is None:
+                self._first_dts = packet.dts
+            if self._held is not None:
+                self._out.mux(self._held)
+            self._held = packet
+        if final and self._held is not None:
+            rest = self._length - (self._held.dts - self._first_dts)
+            if rest > 0:
+                self._held.duration = rest
+            self._out.mux(self._held)
+            self._held = None
 
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
         try:
-            for packet in self._video.encode():
-                self._out.mux(packet)
+            self._mux_video(self._video.encode(), final=True)
             if self._audio is not None:
                 self._audio.pump(float("inf"))
                 self._audio.close()
@@ -112,6 +131,11 @@ class Mp4Writer:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _stream_length(info: VideoInfo) -> int:
+    """The input stream's length in its time base: num_frames / avg_fps."""
+    return round(Fraction(info.num_frames) / Fraction(info.avg_fps) / Fraction(info.time_base))
 
 
 class _AudioCarrier:
