@@ -1,0 +1,100 @@
+"""Helpers shared by the benchmark scripts: timing, percentiles, peak RSS, the ffmpeg baseline."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+BENCH_DIR = Path(os.environ.get("BENCH_DIR", REPO / ".bench"))
+
+
+@dataclass
+class Timing:
+    seconds: list[float]
+
+    @property
+    def p50(self) -> float:
+        return float(np.percentile(self.seconds, 50))
+
+    @property
+    def p90(self) -> float:
+        return float(np.percentile(self.seconds, 90))
+
+    @property
+    def p99(self) -> float:
+        return float(np.percentile(self.seconds, 99))
+
+
+def timed(fn, repeats: int = 3, warmup: int = 1) -> tuple[Timing, float]:
+    """Runs fn `warmup` times (reported apart, as the first call's seconds) then `repeats` times."""
+    first = 0.0
+    for i in range(warmup):
+        t = time.perf_counter()
+        fn()
+        if i == 0:
+            first = time.perf_counter() - t
+    runs = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        runs.append(time.perf_counter() - t)
+    return Timing(runs), first
+
+
+def ffmpeg_path() -> str | None:
+    return shutil.which("ffmpeg")
+
+
+def require_ffmpeg() -> str | None:
+    path = ffmpeg_path()
+    if path is None:
+        print(
+            "NOTE: the ffmpeg command line is not installed, so no baseline and no ratios "
+            "(apt-get install -y ffmpeg).",
+            file=sys.stderr,
+        )
+    return path
+
+
+def run_ffmpeg(*args: str) -> None:
+    subprocess.run([ffmpeg_path(), "-hide_banner", "-loglevel", "error", "-nostdin", "-y", *args], check=True)
+
+
+def peak_rss_of(code: str) -> dict:
+    """Runs `code` in a fresh Python (this repo importable); it must print one JSON line.
+
+    Adds `peak_rss_mb`: the child's VmHWM. Not getrusage's ru_maxrss: Linux carries that across
+    exec, so a child forked from a large benchmark process would report the parent's peak.
+    """
+    wrapper = (
+        "import json, sys\n"
+        f"sys.path.insert(0, {str(REPO)!r})\n"
+        + code
+        + "\nhwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM:')][0]\n"
+        "result['peak_rss_mb'] = int(hwm.split()[1]) / 1024\n"
+        "print(json.dumps(result))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", wrapper], check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def table(rows: list[dict], columns: list[str]) -> str:
+    cells = [[_fmt(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    line = lambda vals: "  ".join(v.rjust(w) for v, w in zip(vals, widths))  # noqa: E731
+    return "\n".join([line(columns), line(["-" * w for w in widths]), *(line(r) for r in cells)])
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.2f}" if abs(v) < 100 else f"{v:.0f}"
+    return str(v)
