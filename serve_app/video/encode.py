@@ -109,7 +109,8 @@ class Mp4Writer:
             self._held = packet
         if final and self._held is not None:
             rest = self._length - (self._held.dts - self._first_dts)
-            if rest > 0:
+            # Only a complete video gets the input's length; a short one ends where it ends.
+            if rest > 0 and self.frames_written == self.info.num_frames:
                 self._held.duration = rest
             self._out.mux(self._held)
             self._held = None
