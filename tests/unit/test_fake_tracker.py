@@ -1,0 +1,86 @@
+import numpy as np
+import pytest
+
+from serve_app import synthetic as S
+from serve_app.contract import JobConfig
+from serve_app.trackers import FAKE_TRACKER, Tracker, load_tracker
+from serve_app.trackers.fake import ColorShapeTracker
+from serve_app.types import FrameChunk
+
+N, W, H = 30, 480, 272
+
+
+@pytest.fixture(scope="module")
+def decoded(tmp_path_factory):
+    """The default synthetic clip, encoded to H.264 and decoded back (real compression noise)."""
+    import av
+
+    path = tmp_path_factory.mktemp("clip") / "shapes.mp4"
+    S.write_clip(path, W, H, N, 25)
+    with av.open(str(path)) as c:
+        return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
+
+
+def run(frames, prompt, chunk=8):
+    chunks = (FrameChunk(s, frames[s : s + chunk]) for s in range(0, len(frames), chunk))
+    return list(ColorShapeTracker().track(chunks, None, JobConfig(prompt=prompt)))
+
+
+def iou(a, b):
+    return (a & b).sum() / max((a | b).sum(), 1)
+
+
+def test_loads_by_import_path_and_is_a_tracker():
+    assert isinstance(load_tracker(FAKE_TRACKER), Tracker)
+
+
+def test_finds_every_shape_of_the_prompted_colours_with_the_right_masks(decoded):
+    dets = run(decoded, "red, blue, green and yellow shapes")
+    assert [d.frame_index for d in dets] == list(range(N))
+    for i, d in enumerate(dets):
+        truth = S.truth(i, N, W, H)
+        assert len(d) == len(truth)
+        for mask in truth.values():
+            assert max(iou(mask, m) for m in d.masks) > 0.9
+        assert d.masks.shape == (len(d), H, W) and d.masks.dtype == bool
+
+
+def test_only_the_prompted_colour_is_found(decoded):
+    dets = run(decoded, "the blue one")
+    truth_blue = [k for k, s in enumerate(S.DEFAULT_SHAPES) if s.color == "blue"]
+    assert all(len(d) == len(truth_blue) for d in dets)
+    assert all(len(d) == 0 for d in run(decoded, "a fish"))
+
+
+def test_scores_are_the_colour_saturation_so_pale_shapes_fall_below_the_default_threshold(decoded):
+    first = run(decoded, "red")[0]
+    assert sorted(np.round(first.scores, 1)) == sorted(
+        round(s.saturation, 1) for s in S.DEFAULT_SHAPES if s.color == "red"
+    )
+    kept = first.keep(0.5)
+    assert len(kept) == 1 and kept.scores[0] > 0.8
+    assert len(first.keep(0.0)) == 2
+
+
+def test_ids_are_stable_and_a_shape_that_enters_later_gets_a_new_id(decoded):
+    dets = run(decoded, "red green")
+    ids_before = set(dets[0].obj_ids.tolist())
+    assert all(set(d.obj_ids.tolist()) == ids_before for d in dets[: int(0.35 * N)])
+    later = dets[int(0.35 * N) + 1]
+    new = set(later.obj_ids.tolist()) - ids_before
+    assert len(new) == 1
+    (new_id,) = new
+    assert all(new_id in d.obj_ids for d in dets[int(0.35 * N) + 1 : int(0.8 * N)])
+    # a score is fixed at the object's birth
+    scores = {int(i): float(s) for d in dets for i, s in zip(d.obj_ids, d.scores)}
+    for d in dets:
+        for i, s in zip(d.obj_ids, d.scores):
+            assert float(s) == scores[int(i)]
+
+
+def test_boxes_are_normalised_xywh_around_the_mask(decoded):
+    d = run(decoded, "blue")[0]
+    x, y, w, h = d.boxes_xywh[0]
+    rows, cols = np.nonzero(d.masks[0])
+    assert x == pytest.approx(cols.min() / W) and y == pytest.approx(rows.min() / H)
+    assert x + w == pytest.approx(cols.max() / W) and y + h == pytest.approx(rows.max() / H)
