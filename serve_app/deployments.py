@@ -1,0 +1,156 @@
+"""Thin Ray Serve deployments around the stages. Options (replicas, GPUs, queues) are set in
+serve_app/app.py, the one place the graph is bound."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import tempfile
+import time
+from typing import Any
+
+from ray import serve
+
+from serve_app.contract import JobConfig, parse_config, parse_job
+from serve_app.errors import ModelError, Overloaded, ServiceError, Unauthorized, http_status
+from serve_app.stages import DecodeStage, EncodeStage, TrackStage
+from serve_app.types import Limits
+from serve_app.wire import SegmentResult, VideoRef, job_json, new_request_id
+
+log = logging.getLogger("ray.serve")
+
+
+@serve.deployment
+class Decoder(DecodeStage):
+    """CPU: frames of one upload, streamed in chunks to the tracker."""
+
+
+@serve.deployment
+class Tracker:
+    """GPU: holds the (compiled) model; streams detections to the encoder."""
+
+    def __init__(self, decoder: Any, tracker: str, tracker_options: dict[str, Any]) -> None:
+        from serve_app.trackers import load_tracker
+
+        self.stage = TrackStage(load_tracker(tracker, **tracker_options), decoder)
+
+    def track(self, video, info, config):
+        yield from self.stage.track(video, info, config)
+
+
+@serve.deployment
+class Encoder(EncodeStage):
+    """CPU: composites each frame's kept objects and encodes the mp4."""
+
+
+def _unwrap(exc: BaseException) -> BaseException:
+    """The user-facing error inside Ray's wrappers (RayTaskError keeps it as `.cause`)."""
+    seen = 0
+    while not isinstance(exc, ServiceError) and getattr(exc, "cause", None) is not None and seen < 8:
+        exc, seen = exc.cause, seen + 1
+    return exc
+
+
+@serve.deployment
+class Ingress:
+    """HTTP and handle entry point. Spools and probes the upload, then awaits the encoder.
+
+    Handle API for other Ray jobs:
+        handle = serve.get_app_handle("sam3-video")
+        mp4: bytes = handle.segment.remote(video_bytes_or_ObjectRef, {"prompt": "fish"}).result()
+    Errors arrive as serve_app.errors types (UnsupportedMedia, InvalidJob, ...).
+    """
+
+    def __init__(self, encoder: Any, limits: dict | Limits, auth_tokens_env: str,
+                 max_inflight: int, retry_after_s: int) -> None:
+        from serve_app.metrics import StageMetrics
+
+        self.encoder = encoder
+        self.limits = Limits.model_validate(limits)
+        self.tokens = {t for t in os.environ.get(auth_tokens_env, "").split(",") if t.strip()}
+        self.max_inflight = max_inflight
+        self.retry_after_s = retry_after_s
+        self.inflight = 0
+        self.metrics = StageMetrics()
+
+    # -- handle API -------------------------------------------------------------------------
+    async def segment(self, video: Any, config: JobConfig | dict) -> bytes:
+        return (await self.segment_result(video, config)).mp4
+
+    async def segment_result(self, video: Any, config: JobConfig | dict) -> SegmentResult:
+        import ray
+
+        cfg = config if isinstance(config, JobConfig) else parse_config(config)
+        data = await video if isinstance(video, ray.ObjectRef) else bytes(video)
+        fd, path = tempfile.mkstemp(suffix=".mp4")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        try:
+            return await self._run(path, cfg, new_request_id())
+        finally:
+            os.unlink(path)
+
+    # -- HTTP -------------------------------------------------------------------------------
+    async def __call__(self, request):
+        from serve_app.ingress_http import handle_http
+
+        return await handle_http(self, request)
+
+    def check_auth(self, header: str | None) -> None:
+        if not self.tokens:
+            return
+        import hmac
+
+        scheme, _, token = (header or "").partition(" ")
+        if scheme.lower() != "bearer" or not any(hmac.compare_digest(token.strip(), t) for t in self.tokens):
+            raise Unauthorized("missing or invalid bearer token (Authorization: Bearer <token>)")
+
+    async def _run(self, path: str, config: JobConfig, request_id: str) -> SegmentResult:
+        from ray.exceptions import RayActorError
+        from ray.serve.exceptions import BackPressureError
+
+        from serve_app.video.probe import probe
+
+        if self.inflight >= self.max_inflight:
+            raise Overloaded(f"{self.inflight} jobs are running here, the most this replica takes; retry later",
+                             self.retry_after_s)
+        self.inflight += 1
+        start = time.perf_counter()
+        try:
+            info = await asyncio.to_thread(probe, path, self.limits)
+            probe_ms = (time.perf_counter() - start) * 1e3
+            with open(path, "rb") as f:
+                video = VideoRef.put(f.read())
+            try:
+                result: SegmentResult = await self.encoder.segment.remote(video, info, config)
+            except BackPressureError:
+                raise Overloaded("the segmentation queue is full; retry later", self.retry_after_s) from None
+            except RayActorError as exc:
+                raise ModelError(f"a replica died while working on this job ({type(exc).__name__}); retry") from None
+            except Exception as exc:
+                inner = _unwrap(exc)
+                if inner is exc:
+                    raise
+                raise inner from None
+            result.timings.probe_ms = probe_ms
+            result.timings.total_ms = (time.perf_counter() - start) * 1e3
+            self.metrics.observe(result.timings)
+            return result
+        finally:
+            self.inflight -= 1
+
+    def log_request(self, request_id: str, status: int, result: SegmentResult | None, exc: BaseException | None) -> None:
+        self.metrics.count(status)
+        if result is not None:
+            t = result.timings
+            log.info("job %s %d frames=%d decoder=%s probe=%.0fms decode=%.0fms track=%.0fms composite=%.0fms "
+                     "encode=%.0fms total=%.0fms", request_id, status, result.num_frames, result.decoder,
+                     t.probe_ms, t.decode_ms, t.track_ms, t.composite_ms, t.encode_ms, t.total_ms)
+        elif status >= 500:
+            log.error("job %s %d: %r", request_id, status, exc, exc_info=exc)
+        else:
+            log.info("job %s %d: %s", request_id, status, exc)
+
+
+__all__ = ["Decoder", "Tracker", "Encoder", "Ingress", "job_json", "parse_job", "http_status"]

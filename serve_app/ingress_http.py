@@ -1,0 +1,65 @@
+"""The ingress's HTTP routes (see serve_app/http.py for the wire format)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+from serve_app.contract import JobConfig, parse_config, parse_job
+from serve_app.errors import InvalidJob, ServiceError, http_status
+from serve_app.http import error_response, success_response
+from serve_app.upload import check_content_length, read_multipart, read_raw
+from serve_app.wire import job_json, new_request_id
+
+_FLOATS = ("confidence_threshold", "alpha")
+
+
+def _query_config(params) -> JobConfig:
+    raw: dict = {}
+    for key, value in params.items():
+        if key in _FLOATS:
+            try:
+                raw[key] = float(value)
+            except ValueError:
+                raise InvalidJob(f"config.{key} is {value!r}; it must be a number between 0.0 and 1.0") from None
+        else:
+            raw[key] = value
+    return parse_config(raw)
+
+
+async def handle_http(ingress, request):
+    from starlette.responses import JSONResponse, PlainTextResponse
+
+    path, method = request.url.path.rstrip("/"), request.method
+    if path.endswith("/healthz") or path.endswith("/v2/health"):
+        return PlainTextResponse("ok")
+    if method != "POST" or not (path.endswith("/v2/job") or path.endswith("/v2/segment")):
+        return JSONResponse({"error": f"no route {method} {request.url.path}; POST /v2/job or /v2/segment"},
+                            status_code=404)
+
+    request_id, created = new_request_id(), time.time()
+    accept = request.headers.get("accept")
+    config, upload, result, status, failure = None, None, None, 500, None
+    try:
+        ingress.check_auth(request.headers.get("authorization"))
+        limit = ingress.limits.max_bytes
+        if path.endswith("/v2/job"):
+            check_content_length(request.headers.get("content-length"), limit + 64 * 1024)
+            upload = await read_multipart(request.stream(), request.headers.get("content-type", ""), limit)
+            config = parse_job(upload.job).config
+        else:
+            config = _query_config(request.query_params)
+            check_content_length(request.headers.get("content-length"), limit)
+            upload = await read_raw(request.stream(), limit)
+        result = await ingress._run(upload.path, config, request_id)
+        status = 200
+        job = job_json(request_id, config, created, timings=result.timings)
+        return success_response(job, result, accept, request_id)
+    except Exception as exc:  # every failure becomes a response; the replica keeps serving
+        failure = exc
+        status = http_status(exc)
+        return error_response(exc, job_json(request_id, config, created), accept, request_id)
+    finally:
+        if upload is not None:
+            os.unlink(upload.path)
+        ingress.log_request(request_id, status, result, failure if not isinstance(failure, ServiceError) or status >= 500 else failure)
