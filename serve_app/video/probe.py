@@ -117,8 +117,9 @@ def probe(path: str | os.PathLike, limits: Limits = Limits()) -> VideoInfo:
 
 def _why(exc: BaseException) -> str:
     """FFmpeg's reason, without the errno and the server-side temporary path it names."""
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
+    strerror = getattr(exc, "strerror", None)
+    if strerror:
+        return str(strerror)
     return str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
 
 
