@@ -31,6 +31,8 @@ class AppArgs(BaseModel):
 
     tracker_num_gpus: float = Field(1.0, ge=0, description="GPUs per tracker replica (0 for CPU trackers).")
     tracker_num_cpus: float = Field(1.0, ge=0)
+    decoder_num_cpus: float = Field(1.0, ge=0, description="CPUs per decoder replica.")
+    encoder_num_cpus: float = Field(1.0, ge=0, description="CPUs per encoder replica (libx264 uses more if free).")
     tracker_min_replicas: int = Field(1, ge=0)
     tracker_max_replicas: int = Field(1, ge=1)
     # One SAM 3 session runs at a time per replica; a second request waits on the replica so
@@ -72,7 +74,7 @@ def build_app(args: dict[str, Any] | AppArgs | None = None):
     a = args if isinstance(args, AppArgs) else AppArgs.model_validate(args or {})
     quick_stop = {"graceful_shutdown_wait_loop_s": 0.5, "graceful_shutdown_timeout_s": a.graceful_shutdown_timeout_s}
     decoder = Decoder.options(
-        num_replicas=a.decoder_replicas, ray_actor_options={"num_cpus": 1}, max_ongoing_requests=8, **quick_stop
+        num_replicas=a.decoder_replicas, ray_actor_options={"num_cpus": a.decoder_num_cpus}, max_ongoing_requests=8, **quick_stop
     ).bind(a.chunk_frames)
     tracker = Tracker.options(
         ray_actor_options={"num_gpus": a.tracker_num_gpus, "num_cpus": a.tracker_num_cpus},
@@ -90,7 +92,7 @@ def build_app(args: dict[str, Any] | AppArgs | None = None):
         **quick_stop,
     ).bind(decoder, a.tracker, a.resolved_tracker_options())
     encoder = Encoder.options(
-        num_replicas=a.encoder_replicas, ray_actor_options={"num_cpus": 1},
+        num_replicas=a.encoder_replicas, ray_actor_options={"num_cpus": a.encoder_num_cpus},
         max_ongoing_requests=a.encoder_max_ongoing_requests, max_queued_requests=a.max_queued_requests,
         **quick_stop,
     ).bind(tracker, a.encoder_preset)

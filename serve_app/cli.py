@@ -1,13 +1,17 @@
-"""`sam3-video`: segment a video from the command line.
+"""`sam3-video`: segment a video from the command line, or serve the graph.
 
-    sam3-video segment IN.mp4 -o OUT.mp4 --prompt "fish" [--mode overlay] [--local]
-    sam3-video synth clip.mp4            # a synthetic clip of coloured shapes, for dry runs
+    sam3-video segment IN.mp4 -o OUT.mp4 --prompt "fish"   # through the graph on an embedded Ray
+    sam3-video segment ... --url http://host:8000          # through a running service
+    sam3-video segment ... --local                         # every stage in this process, no Ray
+    sam3-video serve [--address auto] [--port 8000]        # HTTP service on a local/joined Ray
+    sam3-video synth clip.mp4                              # a synthetic clip, for dry runs
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
 
@@ -66,6 +70,69 @@ def _segment_local(args: argparse.Namespace, config: JobConfig) -> None:
         )
 
 
+def _app_args(args: argparse.Namespace) -> dict[str, Any]:
+    tracker = TRACKER_ALIASES.get(args.tracker, args.tracker)
+    app: dict[str, Any] = {"tracker": tracker, "tracker_options": _tracker_options(args.tracker_option)}
+    if tracker != SAM3_TRACKER or not _has_cuda():
+        app["tracker_num_gpus"] = 0
+    for pair in getattr(args, "arg", []):
+        key, _, raw = pair.partition("=")
+        try:
+            app[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            app[key] = raw
+    return app
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+def _segment_remote(args: argparse.Namespace, config: JobConfig) -> None:
+    from tqdm import tqdm
+
+    from serve_app import remote
+
+    with open(args.input, "rb") as f:
+        video = f.read()
+    where = args.url or "embedded Ray"
+    with tqdm(total=1, desc=f"segment via {where}", unit="job", disable=args.quiet) as bar:
+        if args.url:
+            mp4, headers = remote.segment_via_url(args.url, video, config, token=os.environ.get("SAM3_VIDEO_TOKEN"))
+            summary = ", ".join(f"{k[2:-3]} {v} ms" for k, v in headers.items() if k.lower().endswith("-ms"))
+        else:
+            result = remote.segment_via_graph(remote.start_graph(_app_args(args)), video, config)
+            mp4, t = result.mp4, result.timings
+            summary = (f"probe {t.probe_ms:.0f} ms, decode {t.decode_ms:.0f} ms, track {t.track_ms:.0f} ms, "
+                       f"encode {t.encode_ms:.0f} ms, total {t.total_ms:.0f} ms")
+        bar.update(1)
+    with open(args.output, "wb") as f:
+        f.write(mp4)
+    if not args.quiet:
+        print(f"wrote {args.output}: {summary}", file=sys.stderr)
+
+
+def _serve(args: argparse.Namespace) -> None:
+    import time
+
+    from serve_app import remote
+
+    remote.start_graph(_app_args(args), address=args.address, http=(args.host, args.port))
+    print(f"serving POST http://{args.host}:{args.port}/v2/job (Ctrl-C stops)", file=sys.stderr)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        from ray import serve
+
+        serve.shutdown()
+
+
 def _synth(args: argparse.Namespace) -> None:
     from serve_app.synthetic import write_demo_clip
 
@@ -92,8 +159,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     seg.add_argument("--tracker-option", action="append", default=[], metavar="KEY=VALUE",
                      help="keyword option for the tracker's constructor (JSON values), repeatable")
-    seg.add_argument("--local", action="store_true", help="run every stage in this process (no Ray)")
+    where = seg.add_mutually_exclusive_group()
+    where.add_argument("--local", action="store_true", help="run every stage in this process (no Ray)")
+    where.add_argument("--url", help="a running service, e.g. http://127.0.0.1:8000 (token: SAM3_VIDEO_TOKEN)")
     seg.add_argument("-q", "--quiet", action="store_true")
+
+    srv = sub.add_parser("serve", help="serve the graph over HTTP on a local or joined Ray cluster")
+    srv.add_argument("--address", help="join this Ray cluster (e.g. auto); default: start one here")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--tracker", default="sam3", help="as for segment")
+    srv.add_argument("--tracker-option", action="append", default=[], metavar="KEY=VALUE")
+    srv.add_argument("--arg", action="append", default=[], metavar="KEY=VALUE",
+                     help="an AppArgs field (serve_app/app.py), e.g. tracker_max_replicas=2; repeatable")
 
     syn = sub.add_parser("synth", help="write a synthetic clip of coloured shapes (for dry runs)")
     syn.add_argument("output")
@@ -109,7 +187,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "segment":
-            _segment_local(args, _config(args))
+            config = _config(args)
+            if args.local:
+                _segment_local(args, config)
+            else:
+                _segment_remote(args, config)
+        elif args.command == "serve":
+            _serve(args)
         elif args.command == "synth":
             _synth(args)
     except ServiceError as exc:
