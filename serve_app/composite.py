@@ -3,7 +3,7 @@
 `render_overlay` draws the same picture as `sam3.visualization_utils.render_masklet_frame`
 (without its "Frame N" stamp), pixel for pixel, but faster:
 - sam3 blends by boolean-indexing the whole frame three times per object; we blend inside each
-  mask's bounding box only, through a 256-entry lookup table per channel that holds exactly the
+  mask's bounding box only, through a 256-entry lookup table per channel (cv2.LUT) that holds exactly the
   float64 result sam3 computes (`alpha * colour + (1 - alpha) * value`, truncated to uint8);
 - objects are still blended one after another, so overlaps come out as sam3 draws them;
 - boxes and labels use the very cv2 calls sam3 makes, in the same order.
@@ -29,11 +29,11 @@ def render_mask(dets: Detections, height: int, width: int) -> np.ndarray:
 
 
 def _blend_table(color255: np.ndarray, alpha: float) -> np.ndarray:
-    """(3, 256) uint8: the blended value of every input value, per channel, as sam3 computes it."""
+    """(256, 1, 3) uint8 for cv2.LUT: the blended value of every input value, per channel,
+    exactly as sam3 computes it."""
     values = np.arange(256, dtype=np.uint8)
-    return np.stack(
-        [(alpha * color255[c] + (1 - alpha) * values).astype(np.uint8) for c in range(3)]
-    )
+    table = np.stack([(alpha * color255[c] + (1 - alpha) * values).astype(np.uint8) for c in range(3)], axis=-1)
+    return np.ascontiguousarray(table[:, None, :])
 
 
 def _bbox(mask: np.ndarray) -> tuple[int, int, int, int] | None:
@@ -50,7 +50,6 @@ def render_overlay(frame: np.ndarray, dets: Detections, alpha: float) -> np.ndar
 
     overlay = np.array(frame[..., :3], dtype=np.uint8, order="C", copy=True)
     height, width = overlay.shape[:2]
-    channels = np.arange(3)
     for i in range(len(dets)):
         mask = dets.masks[i]
         if mask.shape != (height, width):
@@ -60,10 +59,9 @@ def render_overlay(frame: np.ndarray, dets: Detections, alpha: float) -> np.ndar
             continue
         y0, y1, x0, x1 = box
         color255 = (COLORS[int(dets.obj_ids[i]) % len(COLORS)] * 255).astype(np.uint8)
-        table = _blend_table(color255, alpha)
         crop = overlay[y0:y1, x0:x1]
-        inside = mask[y0:y1, x0:x1]
-        crop[inside] = table[channels, crop[inside]]
+        blended = cv2.LUT(crop, _blend_table(color255, alpha))
+        np.copyto(crop, blended, where=mask[y0:y1, x0:x1, None])
 
     for i in range(len(dets)):
         obj_id = int(dets.obj_ids[i])
