@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Iterator
+from typing import NamedTuple
 
 import numpy as np
 
@@ -41,67 +42,100 @@ class ColorShapeTracker:
         return [c for c in HUES if c in words]
 
     def track(self, chunks: Iterable[FrameChunk], info: VideoInfo, config: JobConfig) -> Iterator[Detections]:
+        import cv2
+
         colours = self.colours(config.prompt)
-        previous: list[tuple[int, str, float, np.ndarray]] = []  # (id, colour, score, mask)
+        previous: list[_Blob] = []
         next_id = 0
         for chunk in chunks:
             for offset, frame in enumerate(chunk.frames):
                 height, width = frame.shape[:2]
-                found = [(c, s, m) for c in colours for s, m in self._find(frame, c)]
+                # One colour conversion per frame, whatever the number of colours asked for.
+                hsv = cv2.cvtColor(np.ascontiguousarray(frame), cv2.COLOR_RGB2HSV) if colours else None
                 current = []
-                for colour, saturation, mask in found:
-                    match = self._match(colour, mask, previous)
-                    if match is None:
-                        current.append((next_id, colour, saturation, mask))
-                        next_id += 1
-                    else:
-                        current.append((match[0], colour, match[2], mask))  # score fixed at birth
+                for colour in colours:
+                    for score, mask, box, area in self._find(hsv, colour):
+                        match = self._match(colour, mask, box, area, previous)
+                        if match is None:
+                            current.append(_Blob(next_id, colour, score, mask, box, area))
+                            next_id += 1
+                        else:  # the score is fixed at the object's birth
+                            current.append(_Blob(match.id, colour, match.score, mask, box, area))
                 previous = current
                 yield _detections(chunk.start + offset, current, height, width)
 
-    def _find(self, frame: np.ndarray, colour: str) -> list[tuple[float, np.ndarray]]:
+    def _hue_ranges(self, colour: str) -> list[tuple[int, int]]:
+        # Hue wraps around at red: a circular distance <= tolerance is one or two ranges of 0-179.
+        lo, hi = HUES[colour] - self.hue_tolerance, HUES[colour] + self.hue_tolerance
+        ranges = [(max(lo, 0), min(hi, 179))]
+        if lo < 0:
+            ranges.append((180 + lo, 179))
+        if hi > 179:
+            ranges.append((0, hi - 180))
+        return ranges
+
+    def _find(self, hsv: np.ndarray, colour: str):
+        """(score, full-frame mask, box (y0, y1, x0, x1), area) of each blob of `colour`."""
         import cv2
 
-        hsv = cv2.cvtColor(np.ascontiguousarray(frame), cv2.COLOR_RGB2HSV)
-        hue, sat, val = hsv[..., 0].astype(np.int16), hsv[..., 1], hsv[..., 2]
-        distance = np.abs(hue - HUES[colour])
-        distance = np.minimum(distance, 180 - distance)  # hue wraps around at red
-        member = (distance <= self.hue_tolerance) & (sat >= self.min_saturation) & (val >= self.min_value)
-        n, labels, stats, _ = cv2.connectedComponentsWithStats(member.astype(np.uint8), connectivity=8)
+        member = None
+        for lo, hi in self._hue_ranges(colour):
+            inside = cv2.inRange(hsv, (lo, self.min_saturation, self.min_value), (hi, 255, 255))
+            member = inside if member is None else cv2.bitwise_or(member, inside)
+        # Label only the rectangle that holds this colour: most of a frame is background.
+        x, y, w, h = cv2.boundingRect(member)
+        if w == 0 or h == 0:
+            return []
+        n, labels, stats, _ = cv2.connectedComponentsWithStats(member[y : y + h, x : x + w], connectivity=8)
         out = []
         for label in range(1, n):
-            if stats[label, cv2.CC_STAT_AREA] < self.min_area:
+            area = int(stats[label, cv2.CC_STAT_AREA])
+            if area < self.min_area:
                 continue
-            mask = labels == label
-            out.append((float(np.median(sat[mask])) / 255.0, mask))
+            bx, by, bw, bh = (int(v) for v in stats[label, :4])
+            crop = labels[by : by + bh, bx : bx + bw] == label
+            y0, x0 = y + by, x + bx
+            mask = np.zeros(hsv.shape[:2], bool)
+            mask[y0 : y0 + bh, x0 : x0 + bw] = crop
+            saturation = hsv[y0 : y0 + bh, x0 : x0 + bw, 1][crop]
+            out.append((float(np.median(saturation)) / 255.0, mask, (y0, y0 + bh, x0, x0 + bw), area))
         return out
 
-    def _match(self, colour, mask, previous):
+    def _match(self, colour, mask, box, area, previous):
         best, best_iou = None, self.match_iou
         for prev in previous:
-            if prev[1] != colour:
+            if prev.colour != colour:
                 continue
-            inter = np.count_nonzero(mask & prev[3])
-            iou = inter / max(np.count_nonzero(mask | prev[3]), 1)
+            y0, y1 = max(box[0], prev.box[0]), min(box[1], prev.box[1])
+            x0, x1 = max(box[2], prev.box[2]), min(box[3], prev.box[3])
+            inter = np.count_nonzero(mask[y0:y1, x0:x1] & prev.mask[y0:y1, x0:x1]) if y1 > y0 and x1 > x0 else 0
+            iou = inter / max(area + prev.area - inter, 1)
             if iou >= best_iou:
                 best, best_iou = prev, iou
         return best
 
 
-def _detections(index: int, objects, height: int, width: int) -> Detections:
+class _Blob(NamedTuple):
+    id: int
+    colour: str
+    score: float
+    mask: np.ndarray                     # (H, W) bool
+    box: tuple[int, int, int, int]       # y0, y1, x0, x1 (end-exclusive)
+    area: int
+
+
+def _detections(index: int, objects: list[_Blob], height: int, width: int) -> Detections:
     if not objects:
         return Detections.empty(index, height, width)
-    masks = np.stack([o[3] for o in objects])
     boxes = []
-    for mask in masks:
-        rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    for o in objects:
         # SAM 3 derives boxes from masks the same way (torchvision masks_to_boxes, inclusive).
-        x1, y1, x2, y2 = cols[0], rows[0], cols[-1], rows[-1]
+        y1, y2, x1, x2 = o.box[0], o.box[1] - 1, o.box[2], o.box[3] - 1
         boxes.append((x1 / width, y1 / height, (x2 - x1) / width, (y2 - y1) / height))
     return Detections(
         frame_index=index,
-        obj_ids=np.array([o[0] for o in objects], np.int64),
-        scores=np.array([o[2] for o in objects], np.float32),
+        obj_ids=np.array([o.id for o in objects], np.int64),
+        scores=np.array([o.score for o in objects], np.float32),
         boxes_xywh=np.array(boxes, np.float32),
-        masks=masks,
+        masks=np.stack([o.mask for o in objects]),
     )
