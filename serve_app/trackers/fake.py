@@ -42,100 +42,134 @@ class ColorShapeTracker:
         return [c for c in HUES if c in words]
 
     def track(self, chunks: Iterable[FrameChunk], info: VideoInfo, config: JobConfig) -> Iterator[Detections]:
-        import cv2
-
         colours = self.colours(config.prompt)
         previous: list[_Blob] = []
         next_id = 0
         for chunk in chunks:
             for offset, frame in enumerate(chunk.frames):
                 height, width = frame.shape[:2]
-                # One colour conversion per frame, whatever the number of colours asked for.
-                hsv = cv2.cvtColor(np.ascontiguousarray(frame), cv2.COLOR_RGB2HSV) if colours else None
                 current = []
                 for colour in colours:
-                    for score, mask, box, area in self._find(hsv, colour):
-                        match = self._match(colour, mask, box, area, previous)
+                    for score, box, crop in self._find(frame, colour):
+                        match = self._match(colour, box, crop, previous)
                         if match is None:
-                            current.append(_Blob(next_id, colour, score, mask, box, area))
+                            current.append(_Blob(next_id, colour, score, box, crop))
                             next_id += 1
                         else:  # the score is fixed at the object's birth
-                            current.append(_Blob(match.id, colour, match.score, mask, box, area))
+                            current.append(_Blob(match.id, colour, match.score, box, crop))
                 previous = current
                 yield _detections(chunk.start + offset, current, height, width)
 
-    def _hue_ranges(self, colour: str) -> list[tuple[int, int]]:
-        # Hue wraps around at red: a circular distance <= tolerance is one or two ranges of 0-179.
-        lo, hi = HUES[colour] - self.hue_tolerance, HUES[colour] + self.hue_tolerance
-        ranges = [(max(lo, 0), min(hi, 179))]
-        if lo < 0:
-            ranges.append((180 + lo, 179))
-        if hi > 179:
-            ranges.append((0, hi - 180))
-        return ranges
-
-    def _find(self, hsv: np.ndarray, colour: str):
-        """(score, full-frame mask, box (y0, y1, x0, x1), area) of each blob of `colour`."""
+    def _member(self, rgb: np.ndarray, colour: str) -> np.ndarray:
+        """uint8 (h, w), 255 where a pixel of `rgb` counts as `colour`."""
         import cv2
 
+        hsv = cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2HSV)
+        # Hue wraps around at red: a circular distance <= tolerance is one or two ranges of 0-179.
+        lo, hi = HUES[colour] - self.hue_tolerance, HUES[colour] + self.hue_tolerance
+        ranges = [(max(lo, 0), min(hi, 179))] + ([(180 + lo, 179)] if lo < 0 else []) + (
+            [(0, hi - 180)] if hi > 179 else [])
         member = None
-        for lo, hi in self._hue_ranges(colour):
-            inside = cv2.inRange(hsv, (lo, self.min_saturation, self.min_value), (hi, 255, 255))
+        for a, b in ranges:
+            inside = cv2.inRange(hsv, (a, self.min_saturation, self.min_value), (b, 255, 255))
             member = inside if member is None else cv2.bitwise_or(member, inside)
-        # Label only the rectangle that holds this colour: most of a frame is background.
-        x, y, w, h = cv2.boundingRect(member)
-        if w == 0 or h == 0:
-            return []
-        n, labels, stats, _ = cv2.connectedComponentsWithStats(member[y : y + h, x : x + w], connectivity=8)
+        return member
+
+    def _find(self, frame: np.ndarray, colour: str) -> list[tuple[float, tuple[int, int, int, int], np.ndarray]]:
+        """(score, box (y0, y1, x0, x1), mask inside the box) of each blob of `colour`.
+
+        Blobs are looked for on every `_STRIDE`th pixel, then segmented at full resolution
+        inside each one's rectangle (widened by a stride): most of a frame is background, and
+        the full-resolution work is only where a shape is.
+        """
+        import cv2
+
+        height, width = frame.shape[:2]
+        coarse = self._member(frame[::_STRIDE, ::_STRIDE], colour)
+        n, _, stats, _ = cv2.connectedComponentsWithStats(coarse, connectivity=8)
+        rects = [
+            (max((y - 1) * _STRIDE, 0), min((y + h + 1) * _STRIDE, height),
+             max((x - 1) * _STRIDE, 0), min((x + w + 1) * _STRIDE, width))
+            for x, y, w, h in (stats[k, :4].tolist() for k in range(1, n))
+        ]
         out = []
-        for label in range(1, n):
-            area = int(stats[label, cv2.CC_STAT_AREA])
-            if area < self.min_area:
-                continue
-            bx, by, bw, bh = (int(v) for v in stats[label, :4])
-            crop = labels[by : by + bh, bx : bx + bw] == label
-            y0, x0 = y + by, x + bx
-            mask = np.zeros(hsv.shape[:2], bool)
-            mask[y0 : y0 + bh, x0 : x0 + bw] = crop
-            saturation = hsv[y0 : y0 + bh, x0 : x0 + bw, 1][crop]
-            out.append((float(np.median(saturation)) / 255.0, mask, (y0, y0 + bh, x0, x0 + bw), area))
+        for y0, y1, x0, x1 in _merge(rects):
+            member = self._member(frame[y0:y1, x0:x1], colour)
+            m, labels, stats, _ = cv2.connectedComponentsWithStats(member, connectivity=8)
+            for label in range(1, m):
+                if stats[label, cv2.CC_STAT_AREA] < self.min_area:
+                    continue
+                bx, by, bw, bh = stats[label, :4].tolist()
+                crop = labels[by : by + bh, bx : bx + bw] == label
+                window = frame[y0 + by : y0 + by + bh, x0 + bx : x0 + bx + bw]
+                sat = cv2.cvtColor(np.ascontiguousarray(window), cv2.COLOR_RGB2HSV)[..., 1][crop]
+                box = (y0 + by, y0 + by + bh, x0 + bx, x0 + bx + bw)
+                out.append((float(np.median(sat)) / 255.0, box, crop))
         return out
 
-    def _match(self, colour, mask, box, area, previous):
+    def _match(self, colour, box, crop, previous):
         best, best_iou = None, self.match_iou
+        area = int(np.count_nonzero(crop))
         for prev in previous:
             if prev.colour != colour:
                 continue
             y0, y1 = max(box[0], prev.box[0]), min(box[1], prev.box[1])
             x0, x1 = max(box[2], prev.box[2]), min(box[3], prev.box[3])
-            inter = np.count_nonzero(mask[y0:y1, x0:x1] & prev.mask[y0:y1, x0:x1]) if y1 > y0 and x1 > x0 else 0
-            iou = inter / max(area + prev.area - inter, 1)
+            inter = 0
+            if y1 > y0 and x1 > x0:
+                a = crop[y0 - box[0] : y1 - box[0], x0 - box[2] : x1 - box[2]]
+                b = prev.crop[y0 - prev.box[0] : y1 - prev.box[0], x0 - prev.box[2] : x1 - prev.box[2]]
+                inter = int(np.count_nonzero(a & b))
+            iou = inter / max(area + int(np.count_nonzero(prev.crop)) - inter, 1)
             if iou >= best_iou:
                 best, best_iou = prev, iou
         return best
+
+
+_STRIDE = 4
+
+
+def _merge(rects: list[tuple[int, int, int, int]]) -> list[tuple[int, int, int, int]]:
+    """Rectangles (y0, y1, x0, x1) with every overlapping pair replaced by its union."""
+    rects = list(rects)
+    merged = True
+    while merged:
+        merged = False
+        for i in range(len(rects)):
+            for j in range(i + 1, len(rects)):
+                a, b = rects[i], rects[j]
+                if a[0] < b[1] and b[0] < a[1] and a[2] < b[3] and b[2] < a[3]:
+                    rects[i] = (min(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), max(a[3], b[3]))
+                    del rects[j]
+                    merged = True
+                    break
+            if merged:
+                break
+    return rects
 
 
 class _Blob(NamedTuple):
     id: int
     colour: str
     score: float
-    mask: np.ndarray                     # (H, W) bool
     box: tuple[int, int, int, int]       # y0, y1, x0, x1 (end-exclusive)
-    area: int
+    crop: np.ndarray                     # bool mask inside the box
 
 
 def _detections(index: int, objects: list[_Blob], height: int, width: int) -> Detections:
     if not objects:
         return Detections.empty(index, height, width)
+    masks = np.zeros((len(objects), height, width), bool)
     boxes = []
-    for o in objects:
+    for k, o in enumerate(objects):
+        y0, y1, x0, x1 = o.box
+        masks[k, y0:y1, x0:x1] = o.crop
         # SAM 3 derives boxes from masks the same way (torchvision masks_to_boxes, inclusive).
-        y1, y2, x1, x2 = o.box[0], o.box[1] - 1, o.box[2], o.box[3] - 1
-        boxes.append((x1 / width, y1 / height, (x2 - x1) / width, (y2 - y1) / height))
+        boxes.append((x0 / width, y0 / height, (x1 - 1 - x0) / width, (y1 - 1 - y0) / height))
     return Detections(
         frame_index=index,
         obj_ids=np.array([o.id for o in objects], np.int64),
         scores=np.array([o.score for o in objects], np.float32),
         boxes_xywh=np.array(boxes, np.float32),
-        masks=np.stack([o.mask for o in objects]),
+        masks=masks,
     )
