@@ -27,19 +27,20 @@ class FrameBuffer:
     The tracker may lag behind its input (SAM 3 holds outputs back `hotstart_delay` frames), so
     a frame is released only when the compositor has taken it; memory is bounded by that lag.
     With `keep=False` (mask mode) nothing is kept: the mask needs no pixels.
+    `wait_s` is the time the tracker spent waiting for the next chunk.
     """
 
     def __init__(self, chunks: Iterable[FrameChunk], keep: bool) -> None:
         self._chunks = iter(chunks)
         self._keep = keep
         self._held: deque[FrameChunk] = deque()
-        self.decode_s = 0.0
+        self.wait_s = 0.0
 
     def __iter__(self) -> Iterator[FrameChunk]:
         while True:
             t = time.perf_counter()
             chunk = next(self._chunks, None)
-            self.decode_s += time.perf_counter() - t
+            self.wait_s += time.perf_counter() - t
             if chunk is None:
                 return
             if self._keep:
@@ -74,6 +75,7 @@ def composite_and_encode(
     waiting on `detections` is counted as tracking.
     """
     from serve_app.composite import Compositor
+    from serve_app.overlap import WriteBehind
     from serve_app.video.encode import Mp4Writer
 
     timings = timings or StageTimings()
@@ -82,26 +84,31 @@ def composite_and_encode(
     det_iter = iter(detections)
     written = 0
     with Mp4Writer(dst_path, info, audio_source=src_path) as writer:
-        while True:
-            t0 = time.perf_counter()
-            dets = next(det_iter, None)
-            t1 = time.perf_counter()
-            timings.track_ms += (t1 - t0) * 1e3
-            if dets is None:
-                break
-            if dets.frame_index != written:
-                raise ModelError(f"tracker returned frame {dets.frame_index} where frame {written} was due")
-            picture = compositor(frame_at(written), dets.keep(config.confidence_threshold))
-            t2 = time.perf_counter()
-            writer.write(picture)
-            t3 = time.perf_counter()
-            timings.composite_ms += (t2 - t1) * 1e3
-            timings.encode_ms += (t3 - t2) * 1e3
-            written += 1
-            if progress is not None:
-                progress(written, info.num_frames)
+        # libx264 and the colour conversion run in their own thread while the next frame is
+        # tracked and composited; a few pictures queue at most.
+        encoder = WriteBehind(writer.write, depth=4, name="encode")
+        try:
+            while True:
+                t0 = time.perf_counter()
+                dets = next(det_iter, None)
+                t1 = time.perf_counter()
+                timings.track_ms += (t1 - t0) * 1e3
+                if dets is None:
+                    break
+                if dets.frame_index != written:
+                    raise ModelError(f"tracker returned frame {dets.frame_index} where frame {written} was due")
+                picture = compositor(frame_at(written), dets.keep(config.confidence_threshold))
+                timings.composite_ms += (time.perf_counter() - t1) * 1e3
+                encoder.put(picture)  # waits while the encoder is behind; its busy time is encode_ms
+                written += 1
+                if progress is not None:
+                    progress(written, info.num_frames)
+        except BaseException:
+            encoder.close(raise_failure=False)  # the error in hand is the one to report
+            raise
+        encoder.close()
         t = time.perf_counter()
-    timings.encode_ms += (time.perf_counter() - t) * 1e3  # flushing the encoder and the moov move
+    timings.encode_ms += encoder.busy_s * 1e3 + (time.perf_counter() - t) * 1e3  # + flush and moov move
     if written != info.num_frames:
         raise ModelError(f"tracker returned {written} frames; the video has {info.num_frames}")
     return timings
@@ -117,6 +124,7 @@ def run_local(
     chunk_frames: int = 16,
 ) -> StageTimings:
     """Segment `src_path` into `dst_path` in this process. Returns per-stage milliseconds."""
+    from serve_app.overlap import ReadAhead
     from serve_app.video.decode import iter_chunks
     from serve_app.video.probe import probe
 
@@ -125,7 +133,9 @@ def run_local(
     info = probe(src_path, limits)
     timings.probe_ms = (time.perf_counter() - start) * 1e3
 
-    frames = FrameBuffer(iter_chunks(src_path, info, chunk_frames), keep=config.mode == "overlay")
+    # Decoding runs a couple of chunks ahead in its own thread.
+    decoded = ReadAhead(iter_chunks(src_path, info, chunk_frames), depth=2, name="decode")
+    frames = FrameBuffer(decoded, keep=config.mode == "overlay")
     detections = tracker.track(frames, info, config)
     try:
         composite_and_encode(detections, frames.frame, info, config, src_path, dst_path, progress, timings)
@@ -133,7 +143,9 @@ def run_local(
         close = getattr(detections, "close", None)
         if close is not None:
             close()  # a generator tracker frees its session even when we stop early
-    timings.decode_ms = frames.decode_s * 1e3
-    timings.track_ms = max(0.0, timings.track_ms - timings.decode_ms)  # decode ran inside the tracker's pulls
+        decoded.close()
+    timings.decode_ms = decoded.busy_s * 1e3
+    # Waiting for the next detections includes the tracker waiting for decoded frames.
+    timings.track_ms = max(0.0, timings.track_ms - frames.wait_s * 1e3)
     timings.total_ms = (time.perf_counter() - start) * 1e3
     return timings

@@ -95,3 +95,21 @@ def test_bad_upload_is_refused_before_tracking(tmp_path):
     bad.write_bytes(b"\x00" * 1000)
     with pytest.raises(UnsupportedMedia):
         run_local(bad, tmp_path / "o.mp4", JobConfig(prompt="red"), ColorShapeTracker())
+
+
+class FailsMidwayTracker(ColorShapeTracker):
+    """A broken tracker (test double): it fails on frame 10."""
+
+    def track(self, chunks, info, config):
+        for dets in super().track(chunks, info, config):
+            if dets.frame_index == 10:
+                raise ModelError("tracker failed on frame 10")
+            yield dets
+
+
+def test_a_failure_midway_is_reported_and_stops_the_decode_and_encode_threads(clip, tmp_path):
+    import threading
+
+    with pytest.raises(ModelError, match="frame 10"):
+        run_local(clip, tmp_path / "f.mp4", JobConfig(prompt="red", mode="overlay"), FailsMidwayTracker())
+    assert not [t.name for t in threading.enumerate() if t.name in ("decode", "encode")]
