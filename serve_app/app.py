@@ -50,7 +50,8 @@ class AppArgs(BaseModel):
     retry_after_s: int = Field(5, ge=1)
 
     chunk_frames: int = Field(16, ge=1, le=256, description="Frames per decoder chunk.")
-    encoder_preset: str = Field("veryfast", description="libx264 preset.")
+    encoder_preset: str = Field("veryfast", description="libx264 preset for overlay videos.")
+    mask_encoder_preset: str = Field("ultrafast", description="libx264 preset for mask videos (see pipeline.DEFAULT_PRESETS).")
     limits: Limits = Field(default_factory=Limits)
     auth_tokens_env: str = Field("SAM3_VIDEO_TOKENS", description="Env var with comma-separated bearer tokens; unset = no auth.")
     graceful_shutdown_timeout_s: float = Field(5.0, ge=0)
@@ -95,7 +96,7 @@ def build_app(args: dict[str, Any] | AppArgs | None = None):
         num_replicas=a.encoder_replicas, ray_actor_options={"num_cpus": a.encoder_num_cpus},
         max_ongoing_requests=a.encoder_max_ongoing_requests, max_queued_requests=a.max_queued_requests,
         **quick_stop,
-    ).bind(tracker, a.encoder_preset)
+    ).bind(tracker, {"overlay": a.encoder_preset, "mask": a.mask_encoder_preset})
     return Ingress.options(
         ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=a.max_inflight_per_ingress * 2, **quick_stop
     ).bind(encoder, a.limits.model_dump(), a.auth_tokens_env, a.max_inflight_per_ingress, a.retry_after_s)

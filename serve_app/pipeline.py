@@ -20,6 +20,12 @@ from serve_app.types import Detections, FrameChunk, Limits, StageTimings, VideoI
 
 Progress = Callable[[int, int], None]  # (frames written, frames in all)
 
+# libx264 preset per mode. A black-and-white mask is trivial to compress: ultrafast halves its
+# encode time (0.79 vs 1.63 s of CPU for 300 masks at 720p, measured) for a file 1.8x larger
+# (38 vs 21 KB per second) that still thresholds back at 128 without a wrong pixel. Overlay
+# pictures are real footage, where the slower preset's quality per byte is worth it.
+DEFAULT_PRESETS = {"mask": "ultrafast", "overlay": "veryfast"}
+
 
 class FrameBuffer:
     """Passes decoded chunks to the tracker and keeps them until their detections come back.
@@ -67,12 +73,13 @@ def composite_and_encode(
     dst_path: str | os.PathLike,
     progress: Progress | None = None,
     timings: StageTimings | None = None,
+    preset: str | None = None,
 ) -> StageTimings:
     """Render each frame's kept objects and write the mp4 (audio taken from `src_path`).
 
     `detections` must hold exactly one entry per frame, in order; `frame_at(i)` gives frame i
     (RGB, display orientation) in overlay mode and may return None in mask mode. Time spent
-    waiting on `detections` is counted as tracking.
+    waiting on `detections` is counted as tracking. `preset`: libx264's, default by mode.
     """
     from serve_app.composite import Compositor
     from serve_app.overlap import WriteBehind
@@ -83,7 +90,7 @@ def composite_and_encode(
     compositor = Compositor(config.mode, config.alpha, height=height, width=width)
     det_iter = iter(detections)
     written = 0
-    with Mp4Writer(dst_path, info, audio_source=src_path) as writer:
+    with Mp4Writer(dst_path, info, audio_source=src_path, preset=preset or DEFAULT_PRESETS[config.mode]) as writer:
         # libx264 and the colour conversion run in their own thread while the next frame is
         # tracked and composited; a few pictures queue at most.
         encoder = WriteBehind(writer.write, depth=4, name="encode")

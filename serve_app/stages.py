@@ -95,9 +95,11 @@ class TrackStage:
 class EncodeStage:
     """Pulls detections from the tracker, composites and encodes; returns the mp4."""
 
-    def __init__(self, tracker: Any, preset: str = "veryfast") -> None:
+    def __init__(self, tracker: Any, presets: dict[str, str] | None = None) -> None:
+        from serve_app.pipeline import DEFAULT_PRESETS
+
         self.tracker = tracker  # DeploymentHandle (or a TrackStage, in-process)
-        self.preset = preset
+        self.presets = {**DEFAULT_PRESETS, **(presets or {})}  # libx264 preset by mode
 
     def _detections(self, video: VideoRef, info: VideoInfo, config: JobConfig) -> Iterable[Any]:
         if isinstance(self.tracker, TrackStage):
@@ -115,7 +117,8 @@ class EncodeStage:
         with spooled(video) as src, tempfile.TemporaryDirectory() as tmp:
             frame_at = _frame_reader(iter_chunks(src, info)) if config.mode == "overlay" else (lambda i: None)
             dst = os.path.join(tmp, "out.mp4")
-            composite_and_encode(detections, frame_at, info, config, src, dst, timings=timings)
+            composite_and_encode(detections, frame_at, info, config, src, dst, timings=timings,
+                                 preset=self.presets[config.mode])
             with open(dst, "rb") as f:
                 mp4 = f.read()
         timings.decode_ms = upstream.get("decode_ms", 0.0)

@@ -99,13 +99,14 @@ def test_no_audio_source_means_no_audio(tmp_path):
     assert b.audio is None
 
 
-@pytest.mark.parametrize("size", [(96, 64), (97, 63)])
-def test_mask_video_thresholds_back_exactly(tmp_path, size):
+@pytest.mark.parametrize("preset", ["ultrafast", "veryfast"])  # mask mode's and overlay's
+@pytest.mark.parametrize("size", [(96, 64), (97, 63), (640, 360)])
+def test_mask_video_thresholds_back_exactly(tmp_path, size, preset):
     width, height = size
     src = make_video(tmp_path / "in.mp4", width=width, height=height, num_frames=8, pix_fmt="yuv444p")
     info = probe(src)
     masks = [blob_mask(i, height, width) for i in range(8)]
-    with Mp4Writer(tmp_path / "mask.mp4", info) as writer:
+    with Mp4Writer(tmp_path / "mask.mp4", info, preset=preset) as writer:
         for m in masks:
             writer.write(m)
     out = probe(tmp_path / "mask.mp4")
