@@ -69,6 +69,14 @@ def run_ffmpeg(*args: str) -> None:
     subprocess.run([ffmpeg_path(), "-hide_banner", "-loglevel", "error", "-nostdin", "-y", *args], check=True)
 
 
+def children_cpu_s() -> float:
+    """CPU seconds (user + system) of every finished child process so far, e.g. ffmpeg runs."""
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
 def peak_rss_of(code: str) -> dict:
     """Runs `code` in a fresh Python (this repo importable); it must print one JSON line.
 
