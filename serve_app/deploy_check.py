@@ -174,13 +174,15 @@ def _check_overrides(app: dict, deployments: dict, file: str, path: str, replica
             problems.append(Problem(file, _join(where, "name"),
                                     f"is {name!r}; the graph's deployments are {', '.join(deployments)}"))
             continue
-        owned = deployments[name]._deployment_config.user_configured_option_names
+        deployment = deployments[name]
+        owned = deployment._deployment_config.user_configured_option_names  # private too, as above
+        gpu = "num_gpus" in (deployment.ray_actor_options or {})
         for key in override:
             if key != "name" and key in owned:
                 problems.append(Problem(file, _join(where, key), (
                     f"overrides what build_app sets on {name} from args; set it through args "
                     "(AppArgs in serve_app/app.py): Serve replaces the option whole"
-                    + (", dropping num_gpus" if key == "ray_actor_options" else "") + ".")))
+                    + (", dropping num_gpus" if key == "ray_actor_options" and gpu else "") + ".")))
     return problems
 
 
