@@ -5,6 +5,7 @@
     sam3-video segment ... --local                         # every stage in this process, no Ray
     sam3-video serve [--address auto] [--port 8000]        # HTTP service on a local/joined Ray
     sam3-video synth clip.mp4                              # a synthetic clip, for dry runs
+    sam3-video check-config serve_config.yaml cluster.yaml # the deploy files, offline
 """
 
 from __future__ import annotations
@@ -141,6 +142,17 @@ def _synth(args: argparse.Namespace) -> None:
         print(f"wrote {args.output}", file=sys.stderr)
 
 
+def _check_config(args: argparse.Namespace) -> int:
+    from serve_app.deploy_check import check_files
+
+    problems = check_files(args.files)
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    if not problems and not args.quiet:
+        print(f"ok: {', '.join(args.files)}", file=sys.stderr)
+    return 1 if problems else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sam3-video", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -180,6 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
     syn.add_argument("--frames", type=int, default=60)
     syn.add_argument("--fps", type=int, default=25)
     syn.add_argument("-q", "--quiet", action="store_true")
+
+    chk = sub.add_parser("check-config", help="check serve_config.yaml / cluster.yaml offline (misspelt keys included)")
+    chk.add_argument("files", nargs="+", metavar="FILE", help="a Serve config or a Ray cluster config")
+    chk.add_argument("-q", "--quiet", action="store_true")
     return parser
 
 
@@ -196,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
             _serve(args)
         elif args.command == "synth":
             _synth(args)
+        elif args.command == "check-config":
+            return _check_config(args)
     except ServiceError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
