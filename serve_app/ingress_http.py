@@ -37,7 +37,11 @@ async def handle_http(ingress, request):
         return JSONResponse({"error": f"no route {method} {request.url.path}; POST /v2/job or /v2/segment"},
                             status_code=404)
 
-    request_id, created = new_request_id(), time.time()
+    # Serve's proxy gives every request an id (the caller's X-Request-ID, else a new one) and
+    # returns it as x-request-id; the job takes the same id so logs, headers and job JSON agree.
+    request_id = request.headers.get("x-request-id")
+    echo_id = request_id is None
+    request_id, created = request_id or new_request_id(), time.time()
     accept = request.headers.get("accept")
     config, upload, result, status, failure = None, None, None, 500, None
     try:
@@ -54,11 +58,11 @@ async def handle_http(ingress, request):
         result = await ingress._run(upload.path, config, request_id)
         status = 200
         job = job_json(request_id, config, created, timings=result.timings)
-        return success_response(job, result, accept, request_id)
+        return success_response(job, result, accept, request_id if echo_id else None)
     except Exception as exc:  # every failure becomes a response; the replica keeps serving
         failure = exc
         status = http_status(exc)
-        return error_response(exc, job_json(request_id, config, created), accept, request_id)
+        return error_response(exc, job_json(request_id, config, created), accept, request_id, echo_id)
     finally:
         if upload is not None:
             os.unlink(upload.path)
