@@ -8,6 +8,7 @@ import logging
 import os
 import tempfile
 import time
+from contextlib import contextmanager
 from typing import Any
 
 from ray import serve
@@ -79,23 +80,38 @@ class Ingress:
         return (await self.segment_result(video, config)).mp4
 
     async def segment_result(self, video: Any, config: JobConfig | dict) -> SegmentResult:
+        """As `segment`, with the per-stage timings (`.timings`) and frame count."""
         import ray
 
         cfg = config if isinstance(config, JobConfig) else parse_config(config)
-        data = await video if isinstance(video, ray.ObjectRef) else bytes(video)
-        fd, path = tempfile.mkstemp(suffix=".mp4")
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        try:
-            return await self._run(path, cfg, new_request_id())
-        finally:
-            os.unlink(path)
+        with self.job_slot():
+            data = await video if isinstance(video, ray.ObjectRef) else bytes(video)
+            fd, path = tempfile.mkstemp(suffix=".mp4")
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            try:
+                return await self._run(path, cfg, new_request_id())
+            finally:
+                os.unlink(path)
 
     # -- HTTP -------------------------------------------------------------------------------
     async def __call__(self, request):
         from serve_app.ingress_http import handle_http
 
         return await handle_http(self, request)
+
+    @contextmanager
+    def job_slot(self):
+        """Holds one of this replica's `max_inflight` job slots from before the upload is read
+        until the answer is ready; with none free, Overloaded (429 + Retry-After) at once."""
+        if self.inflight >= self.max_inflight:
+            raise Overloaded(f"this replica is running {self.inflight} jobs, the most it takes; retry later",
+                             self.retry_after_s)
+        self.inflight += 1
+        try:
+            yield
+        finally:
+            self.inflight -= 1
 
     def check_auth(self, header: str | None) -> None:
         if not self.tokens:
@@ -112,33 +128,26 @@ class Ingress:
 
         from serve_app.video.probe import probe
 
-        if self.inflight >= self.max_inflight:
-            raise Overloaded(f"{self.inflight} jobs are running here, the most this replica takes; retry later",
-                             self.retry_after_s)
-        self.inflight += 1
         start = time.perf_counter()
+        info = await asyncio.to_thread(probe, path, self.limits)
+        probe_ms = (time.perf_counter() - start) * 1e3
+        with open(path, "rb") as f:
+            video = VideoRef.put(f.read())
         try:
-            info = await asyncio.to_thread(probe, path, self.limits)
-            probe_ms = (time.perf_counter() - start) * 1e3
-            with open(path, "rb") as f:
-                video = VideoRef.put(f.read())
-            try:
-                result: SegmentResult = await self.encoder.segment.remote(video, info, config)
-            except BackPressureError:
-                raise Overloaded("the segmentation queue is full; retry later", self.retry_after_s) from None
-            except RayActorError as exc:
-                raise ModelError(f"a replica died while working on this job ({type(exc).__name__}); retry") from None
-            except Exception as exc:
-                inner = _unwrap(exc)
-                if inner is exc:
-                    raise
-                raise inner from None
-            result.timings.probe_ms = probe_ms
-            result.timings.total_ms = (time.perf_counter() - start) * 1e3
-            self.metrics.observe(result.timings)
-            return result
-        finally:
-            self.inflight -= 1
+            result: SegmentResult = await self.encoder.segment.remote(video, info, config)
+        except BackPressureError:
+            raise Overloaded("the segmentation queue is full; retry later", self.retry_after_s) from None
+        except RayActorError as exc:
+            raise ModelError(f"a replica died while working on this job ({type(exc).__name__}); retry") from None
+        except Exception as exc:
+            inner = _unwrap(exc)
+            if inner is exc:
+                raise
+            raise inner from None
+        result.timings.probe_ms = probe_ms
+        result.timings.total_ms = (time.perf_counter() - start) * 1e3
+        self.metrics.observe(result.timings)
+        return result
 
     def log_request(self, request_id: str, status: int, result: SegmentResult | None, exc: BaseException | None) -> None:
         self.metrics.count(status)

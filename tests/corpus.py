@@ -17,6 +17,10 @@ def _flat(i: int, height: int, width: int) -> np.ndarray:
     return np.full((height, width, 3), 90, np.uint8)
 
 
+NAMES = ("zero bytes", "random bytes", "truncated mp4", "truncated faststart mp4", "audio only",
+         "webm named .mp4", "mkv named .mp4", "ts named .mp4", "8K")
+
+
 def make_bad_uploads(tmp: Path) -> dict[str, tuple[bytes, int, tuple[str, ...], type[ServiceError]]]:
     good = vf.make_video(tmp / "good.mp4", width=96, height=64, num_frames=24)
     # The same picture in other containers, each saved under an .mp4 name as a user might.

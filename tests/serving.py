@@ -66,7 +66,10 @@ def start_cluster(env: dict[str, str] | None = None) -> Cluster:
     import ray
     from ray import serve
 
+    from serve_app.proxy import install_env
+
     os.environ.update(env or {})
+    install_env()  # as `sam3-video serve` runs it: the proxy stops reading past the upload cap
     # Replicas import the test doubles from this checkout.
     paths = [str(REPO), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
     os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))

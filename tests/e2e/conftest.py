@@ -56,13 +56,14 @@ def official_client(tmp_path_factory) -> OfficialClient:
     return OfficialClient(node, tmp_path_factory.mktemp("prodia"))
 
 
-# The "strict" app: bearer auth on, a small upload limit and a two-job queue, so limits and
-# backpressure are cheap to reach.
-STRICT_MAX_BYTES = 2_000_000
+# The "strict" app: bearer auth on, a small upload limit, two job slots (four requests inside
+# the ingress) and two more queued in the proxy, so limits and backpressure are cheap to reach.
+STRICT_MAX_BYTES = 2 * 1024 * 1024
 STRICT_ARGS = {
     "auth_tokens_env": TEST_TOKENS_ENV,
     "limits": {"max_bytes": STRICT_MAX_BYTES},
     "max_inflight_per_ingress": 2,
+    "ingress_max_queued_requests": 2,
     "retry_after_s": 1,
 }
 

@@ -7,7 +7,7 @@ import pytest
 
 from serve_app.app import build_app
 from serve_app.contract import JobConfig
-from serve_app.errors import InvalidJob, ServiceError, UnsupportedMedia, VideoLimitExceeded
+from serve_app.errors import InvalidJob, ServiceError
 from serve_app.trackers import FAKE_TRACKER
 from serve_app.wire import SegmentResult
 from tests.checks import expected_mask, mask_iou, read_video
