@@ -57,10 +57,9 @@ def _unwrap(exc: BaseException) -> BaseException:
 class Ingress:
     """HTTP and handle entry point. Spools and probes the upload, then awaits the encoder.
 
-    Handle API for other Ray jobs:
+    Handle API for other Ray jobs (see `segment`):
         handle = serve.get_app_handle("sam3-video")
         mp4: bytes = handle.segment.remote(video_bytes_or_ObjectRef, {"prompt": "fish"}).result()
-    Errors arrive as serve_app.errors types (UnsupportedMedia, InvalidJob, ...).
     """
 
     def __init__(self, encoder: Any, limits: dict | Limits, auth_tokens_env: str,
@@ -77,6 +76,18 @@ class Ingress:
 
     # -- handle API -------------------------------------------------------------------------
     async def segment(self, video: Any, config: JobConfig | dict) -> bytes:
+        """Segment one mp4; returns the output mp4's bytes.
+
+        `video`: the mp4's bytes, or an ObjectRef of them (`ray.put(mp4_bytes)`), which the
+        stages read from the object store themselves. `config`: the job config as a dict or a
+        JobConfig, e.g. {"prompt": "fish", "mode": "overlay"}.
+
+        Raises the serve_app.errors types the HTTP API maps to statuses: InvalidJob (400),
+        UploadTooLarge and VideoLimitExceeded (413), UnsupportedMedia (415), Overloaded (429,
+        `.retry_after_s`), ModelError (500). Ray delivers each as RayTaskError(<type>), an
+        instance of that type, so `except UnsupportedMedia as e` works and `e.message` is the
+        message alone. Past the ingress's queue Ray Serve raises its own BackPressureError.
+        """
         return (await self.segment_result(video, config)).mp4
 
     async def segment_result(self, video: Any, config: JobConfig | dict) -> SegmentResult:
@@ -85,12 +96,17 @@ class Ingress:
 
         cfg = config if isinstance(config, JobConfig) else parse_config(config)
         with self.job_slot():
-            data = await video if isinstance(video, ray.ObjectRef) else bytes(video)
+            if isinstance(video, ray.ObjectRef):
+                data, ref = await video, VideoRef(ref=video)  # the stages read the caller's object
+            else:
+                data = bytes(video)
+                ref = VideoRef.put(data)
             fd, path = tempfile.mkstemp(suffix=".mp4")
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
+            del data
             try:
-                return await self._run(path, cfg, new_request_id())
+                return await self._run(path, cfg, new_request_id(), ref)
             finally:
                 os.unlink(path)
 
@@ -122,7 +138,9 @@ class Ingress:
         if scheme.lower() != "bearer" or not any(hmac.compare_digest(token.strip(), t) for t in self.tokens):
             raise Unauthorized("missing or invalid bearer token (Authorization: Bearer <token>)")
 
-    async def _run(self, path: str, config: JobConfig, request_id: str) -> SegmentResult:
+    async def _run(self, path: str, config: JobConfig, request_id: str, video: VideoRef | None = None) -> SegmentResult:
+        """Probe the upload at `path`, then run the graph on it (`video`: the same bytes already
+        in the object store, else put from `path` once the probe accepts them)."""
         from ray.exceptions import RayActorError
         from ray.serve.exceptions import BackPressureError
 
@@ -131,8 +149,9 @@ class Ingress:
         start = time.perf_counter()
         info = await asyncio.to_thread(probe, path, self.limits)
         probe_ms = (time.perf_counter() - start) * 1e3
-        with open(path, "rb") as f:
-            video = VideoRef.put(f.read())
+        if video is None:
+            with open(path, "rb") as f:
+                video = VideoRef.put(f.read())
         try:
             result: SegmentResult = await self.encoder.segment.remote(video, info, config)
         except BackPressureError:

@@ -166,10 +166,10 @@ def test_full_queue_is_refused_with_429_and_retry_after_not_queued(strict, shape
     assert len(ok) + len(refused) == 16, [r.status_code for r, _ in answers]
     assert 1 <= len(ok) <= 2, "the strict app runs two jobs at a time"
     assert len(refused) >= 14
-    # Refused by the ingress (its two job slots are taken; JSON naming the cause) or, past its
-    # queue, by Serve's proxy: both with Retry-After.
-    assert any("retry later" in r.text for r, _ in refused)
-    assert any("backpressure" in r.text for r, _ in refused)
+    # Refused by the ingress (its two job slots are taken: JSON naming the cause) or, past its
+    # queue, by Serve's proxy (which of the two depends on arrival order): both with Retry-After.
+    for r, _ in refused:
+        assert "retry later" in r.text or "dropped due to backpressure" in r.text, r.text
     for r, t in refused:
         assert r.headers["retry-after"] == "1"
         # refused at once, not after waiting for a slot: the slow jobs each take > 2 s
