@@ -114,3 +114,14 @@ def test_prometheus_metrics_per_stage(cluster, graph, shapes):
 
     # Ray exports custom metrics every few seconds, from each node's metrics agent.
     assert wait_until(scrape, timeout_s=30, interval_s=1), "no per-stage metrics in " + cluster.metrics_url
+
+
+def test_cli_segments_through_a_running_service(graph, shapes, tmp_path, capsys):
+    from serve_app.cli import main
+
+    out = tmp_path / "out.mp4"
+    assert main(["segment", str(shapes), "-o", str(out), "--prompt", "yellow", "--url", graph, "-q"]) == 0
+    assert mask_iou(out.read_bytes(), {"yellow"}, SHAPES_W, SHAPES_H, SHAPES_N, SHAPES_FPS) > 0.9
+    (tmp_path / "bad.mp4").write_bytes(b"\0" * 1000)
+    assert main(["segment", str(tmp_path / "bad.mp4"), "-o", str(out), "--prompt", "red", "--url", graph, "-q"]) == 2
+    assert "HTTP 415: not a readable MP4 video" in capsys.readouterr().err
