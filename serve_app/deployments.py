@@ -17,6 +17,7 @@ from serve_app.contract import JobConfig, parse_config, parse_job
 from serve_app.errors import ModelError, Overloaded, ServiceError, Unauthorized, http_status
 from serve_app.stages import DecodeStage, EncodeStage, TrackStage
 from serve_app.types import Limits
+from serve_app.upload import check_size
 from serve_app.wire import SegmentResult, VideoRef, job_json, new_request_id
 
 log = logging.getLogger("ray.serve")
@@ -51,6 +52,16 @@ def _unwrap(exc: BaseException) -> BaseException:
     while not isinstance(exc, ServiceError) and getattr(exc, "cause", None) is not None and seen < 8:
         exc, seen = exc.cause, seen + 1
     return exc
+
+
+def _replica_died(exc: BaseException) -> ModelError:
+    """Names the stage whose replica died (Ray's ActorDiedError quotes its actor class,
+    ServeReplica:<app>:<Deployment>), not Ray's wrapper types."""
+    import re
+
+    found = re.search(r"ServeReplica:[^:\s]+:(\w+)", str(_unwrap(exc)))
+    who = f"the {found.group(1).lower()} replica" if found else "a replica"
+    return ModelError(f"{who} died while working on this job; retry")
 
 
 @serve.deployment
@@ -98,8 +109,10 @@ class Ingress:
         with self.job_slot():
             if isinstance(video, ray.ObjectRef):
                 data, ref = await video, VideoRef(ref=video)  # the stages read the caller's object
+                check_size(len(data), self.limits.max_bytes)
             else:
                 data = bytes(video)
+                check_size(len(data), self.limits.max_bytes)
                 ref = VideoRef.put(data)
             fd, path = tempfile.mkstemp(suffix=".mp4")
             with os.fdopen(fd, "wb") as f:
@@ -157,7 +170,7 @@ class Ingress:
         except BackPressureError:
             raise Overloaded("the segmentation queue is full; retry later", self.retry_after_s) from None
         except RayActorError as exc:
-            raise ModelError(f"a replica died while working on this job ({type(exc).__name__}); retry") from None
+            raise _replica_died(exc) from None
         except Exception as exc:
             inner = _unwrap(exc)
             if inner is exc:

@@ -31,6 +31,8 @@ MB = 1024 * 1024  # the limits are binary megabytes: the 100 MB default is 100 *
 
 
 def _mb(n: int) -> str:
+    if n < MB:
+        return f"{n / 1024:.0f} KB" if n >= 1024 else f"{n} bytes"
     return f"{n / MB:.1f}".removesuffix(".0") + " MB"
 
 
@@ -41,8 +43,13 @@ def _too_large(size: int, limit: int) -> UploadTooLarge:
 def check_content_length(header: str | None, limit: int, slack: int = 0) -> None:
     """Refuse a declared body over the video limit (plus `slack` for multipart framing) before
     reading any of it."""
-    if header and header.isdigit() and int(header) > limit + slack:
-        raise UploadTooLarge(f"upload is {_mb(int(header))}; the limit is {_mb(limit)}")
+    if header and header.isdigit():
+        check_size(int(header), limit, slack)
+
+
+def check_size(size: int, limit: int, slack: int = 0) -> None:
+    if size > limit + slack:
+        raise UploadTooLarge(f"upload is {_mb(size)}; the limit is {_mb(limit)}")
 
 
 async def read_raw(stream: AsyncIterator[bytes], limit: int) -> Upload:

@@ -70,6 +70,17 @@ def test_invalid_config_raises_invalid_job_before_any_work(handle, config, words
         handle.segment.remote(b"not even a video", config).result()
 
 
+def test_bytes_over_the_limit_are_refused_naming_it(clip):
+    from ray import serve
+
+    from serve_app.errors import UploadTooLarge
+
+    small = serve.run(build_app({"tracker": FAKE_TRACKER, "tracker_num_gpus": 0, "limits": {"max_bytes": 1024}}),
+                      name="sam3-video-small", _local_testing_mode=True)
+    with pytest.raises(UploadTooLarge, match=r"upload is \d+ KB; the limit is 1 KB"):
+        small.segment.remote(clip, {"prompt": "red"}).result()
+
+
 def test_the_service_keeps_answering_after_errors(handle, clip):
     for _ in range(2):
         with pytest.raises(ServiceError):
