@@ -47,6 +47,10 @@ class AppArgs(BaseModel):
     # queued without bound.
     max_queued_requests: int = Field(8, ge=0)
     max_inflight_per_ingress: int = Field(16, ge=1, description="Jobs one ingress replica holds at once.")
+    # Requests Serve's proxy holds for a busy ingress; past it the proxy answers 429 +
+    # Retry-After. Serve counts a request as queued until a replica is picked, even one with
+    # room, so this must exceed the largest burst of simultaneous arrivals to refuse only floods.
+    ingress_max_queued_requests: int = Field(64, ge=1)
     retry_after_s: int = Field(5, ge=1)
 
     chunk_frames: int = Field(16, ge=1, le=256, description="Frames per decoder chunk.")
@@ -97,6 +101,10 @@ def build_app(args: dict[str, Any] | AppArgs | None = None):
         max_ongoing_requests=a.encoder_max_ongoing_requests, max_queued_requests=a.max_queued_requests,
         **quick_stop,
     ).bind(tracker, {"overlay": a.encoder_preset, "mask": a.mask_encoder_preset})
+    # The ingress answers over-capacity jobs itself (429 + Retry-After, before reading the body)
+    # up to twice its job slots; past that the proxy queues a bounded number more.
     return Ingress.options(
-        ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=a.max_inflight_per_ingress * 2, **quick_stop
+        ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=a.max_inflight_per_ingress * 2,
+        max_queued_requests=a.ingress_max_queued_requests,
+        backpressure_config={"status_code": 429, "retry_after_s": a.retry_after_s}, **quick_stop
     ).bind(encoder, a.limits.model_dump(), a.auth_tokens_env, a.max_inflight_per_ingress, a.retry_after_s)

@@ -8,6 +8,7 @@ import logging
 import os
 import tempfile
 import time
+from contextlib import contextmanager
 from typing import Any
 
 from ray import serve
@@ -16,6 +17,7 @@ from serve_app.contract import JobConfig, parse_config, parse_job
 from serve_app.errors import ModelError, Overloaded, ServiceError, Unauthorized, http_status
 from serve_app.stages import DecodeStage, EncodeStage, TrackStage
 from serve_app.types import Limits
+from serve_app.upload import check_size
 from serve_app.wire import SegmentResult, VideoRef, job_json, new_request_id
 
 log = logging.getLogger("ray.serve")
@@ -52,14 +54,23 @@ def _unwrap(exc: BaseException) -> BaseException:
     return exc
 
 
+def _replica_died(exc: BaseException) -> ModelError:
+    """Names the stage whose replica died (Ray's ActorDiedError quotes its actor class,
+    ServeReplica:<app>:<Deployment>), not Ray's wrapper types."""
+    import re
+
+    found = re.search(r"ServeReplica:[^:\s]+:(\w+)", str(_unwrap(exc)))
+    who = f"the {found.group(1).lower()} replica" if found else "a replica"
+    return ModelError(f"{who} died while working on this job; retry")
+
+
 @serve.deployment
 class Ingress:
     """HTTP and handle entry point. Spools and probes the upload, then awaits the encoder.
 
-    Handle API for other Ray jobs:
+    Handle API for other Ray jobs (see `segment`):
         handle = serve.get_app_handle("sam3-video")
         mp4: bytes = handle.segment.remote(video_bytes_or_ObjectRef, {"prompt": "fish"}).result()
-    Errors arrive as serve_app.errors types (UnsupportedMedia, InvalidJob, ...).
     """
 
     def __init__(self, encoder: Any, limits: dict | Limits, auth_tokens_env: str,
@@ -76,26 +87,60 @@ class Ingress:
 
     # -- handle API -------------------------------------------------------------------------
     async def segment(self, video: Any, config: JobConfig | dict) -> bytes:
+        """Segment one mp4; returns the output mp4's bytes.
+
+        `video`: the mp4's bytes, or an ObjectRef of them (`ray.put(mp4_bytes)`), which the
+        stages read from the object store themselves. `config`: the job config as a dict or a
+        JobConfig, e.g. {"prompt": "fish", "mode": "overlay"}.
+
+        Raises the serve_app.errors types the HTTP API maps to statuses: InvalidJob (400),
+        UploadTooLarge and VideoLimitExceeded (413), UnsupportedMedia (415), Overloaded (429,
+        `.retry_after_s`), ModelError (500). Ray delivers each as RayTaskError(<type>), an
+        instance of that type, so `except UnsupportedMedia as e` works and `e.message` is the
+        message alone. Past the ingress's queue Ray Serve raises its own BackPressureError.
+        """
         return (await self.segment_result(video, config)).mp4
 
     async def segment_result(self, video: Any, config: JobConfig | dict) -> SegmentResult:
+        """As `segment`, with the per-stage timings (`.timings`) and frame count."""
         import ray
 
         cfg = config if isinstance(config, JobConfig) else parse_config(config)
-        data = await video if isinstance(video, ray.ObjectRef) else bytes(video)
-        fd, path = tempfile.mkstemp(suffix=".mp4")
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        try:
-            return await self._run(path, cfg, new_request_id())
-        finally:
-            os.unlink(path)
+        with self.job_slot():
+            if isinstance(video, ray.ObjectRef):
+                data, ref = await video, VideoRef(ref=video)  # the stages read the caller's object
+                check_size(len(data), self.limits.max_bytes)
+            else:
+                data = bytes(video)
+                check_size(len(data), self.limits.max_bytes)
+                ref = VideoRef.put(data)
+            fd, path = tempfile.mkstemp(suffix=".mp4")
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            del data
+            try:
+                return await self._run(path, cfg, new_request_id(), ref)
+            finally:
+                os.unlink(path)
 
     # -- HTTP -------------------------------------------------------------------------------
     async def __call__(self, request):
         from serve_app.ingress_http import handle_http
 
         return await handle_http(self, request)
+
+    @contextmanager
+    def job_slot(self):
+        """Holds one of this replica's `max_inflight` job slots from before the upload is read
+        until the answer is ready; with none free, Overloaded (429 + Retry-After) at once."""
+        if self.inflight >= self.max_inflight:
+            raise Overloaded(f"this replica is running {self.inflight} jobs, the most it takes; retry later",
+                             self.retry_after_s)
+        self.inflight += 1
+        try:
+            yield
+        finally:
+            self.inflight -= 1
 
     def check_auth(self, header: str | None) -> None:
         if not self.tokens:
@@ -106,39 +151,35 @@ class Ingress:
         if scheme.lower() != "bearer" or not any(hmac.compare_digest(token.strip(), t) for t in self.tokens):
             raise Unauthorized("missing or invalid bearer token (Authorization: Bearer <token>)")
 
-    async def _run(self, path: str, config: JobConfig, request_id: str) -> SegmentResult:
+    async def _run(self, path: str, config: JobConfig, request_id: str, video: VideoRef | None = None) -> SegmentResult:
+        """Probe the upload at `path`, then run the graph on it (`video`: the same bytes already
+        in the object store, else put from `path` once the probe accepts them)."""
         from ray.exceptions import RayActorError
         from ray.serve.exceptions import BackPressureError
 
         from serve_app.video.probe import probe
 
-        if self.inflight >= self.max_inflight:
-            raise Overloaded(f"{self.inflight} jobs are running here, the most this replica takes; retry later",
-                             self.retry_after_s)
-        self.inflight += 1
         start = time.perf_counter()
-        try:
-            info = await asyncio.to_thread(probe, path, self.limits)
-            probe_ms = (time.perf_counter() - start) * 1e3
+        info = await asyncio.to_thread(probe, path, self.limits)
+        probe_ms = (time.perf_counter() - start) * 1e3
+        if video is None:
             with open(path, "rb") as f:
                 video = VideoRef.put(f.read())
-            try:
-                result: SegmentResult = await self.encoder.segment.remote(video, info, config)
-            except BackPressureError:
-                raise Overloaded("the segmentation queue is full; retry later", self.retry_after_s) from None
-            except RayActorError as exc:
-                raise ModelError(f"a replica died while working on this job ({type(exc).__name__}); retry") from None
-            except Exception as exc:
-                inner = _unwrap(exc)
-                if inner is exc:
-                    raise
-                raise inner from None
-            result.timings.probe_ms = probe_ms
-            result.timings.total_ms = (time.perf_counter() - start) * 1e3
-            self.metrics.observe(result.timings)
-            return result
-        finally:
-            self.inflight -= 1
+        try:
+            result: SegmentResult = await self.encoder.segment.remote(video, info, config)
+        except BackPressureError:
+            raise Overloaded("the segmentation queue is full; retry later", self.retry_after_s) from None
+        except RayActorError as exc:
+            raise _replica_died(exc) from None
+        except Exception as exc:
+            inner = _unwrap(exc)
+            if inner is exc:
+                raise
+            raise inner from None
+        result.timings.probe_ms = probe_ms
+        result.timings.total_ms = (time.perf_counter() - start) * 1e3
+        self.metrics.observe(result.timings)
+        return result
 
     def log_request(self, request_id: str, status: int, result: SegmentResult | None, exc: BaseException | None) -> None:
         self.metrics.count(status)

@@ -43,8 +43,11 @@ def multipart_body(job: dict, output: bytes | None) -> tuple[bytes, str]:
     return b"".join(parts), f"{MULTIPART}; boundary={boundary}"
 
 
-def timing_headers(request_id: str, result: SegmentResult | None = None) -> dict[str, str]:
-    headers = {"x-request-id": request_id}
+def timing_headers(request_id: str | None, result: SegmentResult | None = None) -> dict[str, str]:
+    """x-<stage>-ms for each stage, and x-request-id when given. Behind Serve's proxy it is not:
+    the proxy adds x-request-id itself (the caller's own, or one it made), and a second one from
+    us would reach the client as two ids joined by a comma."""
+    headers = {"x-request-id": request_id} if request_id else {}
     if result is not None:
         t = result.timings
         for name in ("probe", "decode", "track", "composite", "encode", "total"):
@@ -54,7 +57,7 @@ def timing_headers(request_id: str, result: SegmentResult | None = None) -> dict
     return headers
 
 
-def success_response(job: dict, result: SegmentResult, accept: str | None, request_id: str):
+def success_response(job: dict, result: SegmentResult, accept: str | None, request_id: str | None):
     from starlette.responses import Response
 
     headers = timing_headers(request_id, result)
@@ -64,15 +67,19 @@ def success_response(job: dict, result: SegmentResult, accept: str | None, reque
     return Response(result.mp4, status_code=200, media_type="video/mp4", headers=headers)
 
 
-def error_response(exc: BaseException, job: dict, accept: str | None, request_id: str):
+def error_response(exc: BaseException, job: dict, accept: str | None, request_id: str,
+                   echo_id: bool = False):
+    """The failed job (`error` set, state failed) as JSON, or multipart for a multipart client.
+    `echo_id`: send x-request-id (only when no proxy does; see timing_headers)."""
     from starlette.responses import JSONResponse, Response
 
     status = http_status(exc)
-    headers = {"x-request-id": request_id}
+    headers = timing_headers(request_id if echo_id else None)
     if isinstance(exc, Overloaded):
         headers["Retry-After"] = str(exc.retry_after_s)
     if status == 401:
         headers["WWW-Authenticate"] = "Bearer"
+    job["state"] = {"current": "failed"}
     if isinstance(exc, ServiceError) and status < 500 or status == 429:
         job["error"] = str(exc)
     else:

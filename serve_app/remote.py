@@ -19,8 +19,10 @@ def start_graph(app_args: dict[str, Any], address: str | None = None, http: tupl
     from ray import serve
 
     from serve_app.app import APP_NAME, build_app
+    from serve_app.proxy import install_env
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    install_env()  # the HTTP proxy's body cap; only proxies started after this load it
     if not ray.is_initialized():
         if address:
             ray.init(address=address)

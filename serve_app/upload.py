@@ -27,13 +27,29 @@ class Upload:
     job: Any = None     # the decoded `job` part (multipart only)
 
 
+MB = 1024 * 1024  # the limits are binary megabytes: the 100 MB default is 100 * 2**20 bytes
+
+
+def _mb(n: int) -> str:
+    if n < MB:
+        return f"{n / 1024:.0f} KB" if n >= 1024 else f"{n} bytes"
+    return f"{n / MB:.1f}".removesuffix(".0") + " MB"
+
+
 def _too_large(size: int, limit: int) -> UploadTooLarge:
-    return UploadTooLarge(f"video is over {limit / 1e6:.0f} MB (read {size / 1e6:.1f} MB); the limit is {limit / 1e6:.0f} MB")
+    return UploadTooLarge(f"video is over the limit of {_mb(limit)}; reading stopped at {_mb(size)}")
 
 
-def check_content_length(header: str | None, limit: int) -> None:
-    if header and header.isdigit() and int(header) > limit:
-        raise UploadTooLarge(f"video is {int(header) / 1e6:.1f} MB; the limit is {limit / 1e6:.0f} MB")
+def check_content_length(header: str | None, limit: int, slack: int = 0) -> None:
+    """Refuse a declared body over the video limit (plus `slack` for multipart framing) before
+    reading any of it."""
+    if header and header.isdigit():
+        check_size(int(header), limit, slack)
+
+
+def check_size(size: int, limit: int, slack: int = 0) -> None:
+    if size > limit + slack:
+        raise UploadTooLarge(f"upload is {_mb(size)}; the limit is {_mb(limit)}")
 
 
 async def read_raw(stream: AsyncIterator[bytes], limit: int) -> Upload:

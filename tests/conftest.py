@@ -39,3 +39,49 @@ def cockatoo(clips_dir) -> pathlib.Path:
 @pytest.fixture(scope="session")
 def bikes(clips_dir) -> pathlib.Path:
     return clips_dir / "bikes_640x272.mp4"
+
+
+# -- the served graph (integration and e2e tiers) ----------------------------------------------
+# Bearer tokens the "strict" test app accepts; set before Ray starts so its replicas see them.
+TEST_TOKENS_ENV = "SAM3_VIDEO_TEST_TOKENS"
+TEST_TOKEN = "test-token-1"
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    """A real local Ray cluster with Serve's HTTP proxy on a free port, once per session."""
+    from tests.serving import start_cluster, stop_cluster
+
+    cluster = start_cluster({TEST_TOKENS_ENV: f"{TEST_TOKEN},test-token-2"})
+    yield cluster
+    stop_cluster()
+
+
+@pytest.fixture(scope="session")
+def graph(cluster) -> str:
+    """The app as deployed by default (100 MB limit, default queues), named "sam3-video" at "/",
+    with the scripted stand-in tracker; returns its base URL."""
+    from serve_app.app import APP_NAME
+
+    return cluster.deploy(APP_NAME, "/")
+
+
+@pytest.fixture(scope="session")
+def shapes(tmp_path_factory):
+    """A synthetic clip of coloured shapes whose segmentation is known (serve_app.synthetic)."""
+    from serve_app import synthetic
+
+    path = tmp_path_factory.mktemp("shapes") / "shapes.mp4"
+    synthetic.write_clip(path, SHAPES_W, SHAPES_H, SHAPES_N, SHAPES_FPS)
+    return path
+
+
+SHAPES_W, SHAPES_H, SHAPES_N, SHAPES_FPS = 384, 216, 40, 25
+
+
+@pytest.fixture(scope="session")
+def bad_uploads(tmp_path_factory):
+    """{name: (bytes, HTTP status, words the message must contain, typed error)}: tests/corpus.py."""
+    from tests.corpus import make_bad_uploads
+
+    return make_bad_uploads(tmp_path_factory.mktemp("bad_uploads"))

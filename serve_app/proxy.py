@@ -1,0 +1,64 @@
+"""A request-body cap inside Ray Serve's HTTP proxy.
+
+Serve's proxy reads every request body as fast as the client sends it into an unbounded queue,
+and the ingress replica pulls it into another, whatever the ingress itself reads (Ray Serve
+2.60: proxy.py `proxy_asgi_receive`, http_util.py `ASGIReceiveProxy`). The ingress stops at its
+limit and answers 413, but by then a fast client may have pushed far more into the proxy's
+memory. This middleware stops the proxy reading once a request has sent more than the cap: the
+connection's own flow control then holds the client back until the ingress's 413 ends the request.
+
+The proxy loads it when Ray starts with
+    RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=serve_app.proxy:middlewares
+(`sam3-video serve` sets it; on a cluster, set it in every node's environment). The cap is
+SAM3_VIDEO_PROXY_MAX_BODY_BYTES, default the 100 MB upload limit plus multipart slack; each
+app's ingress still enforces its own `limits.max_bytes`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
+CALLBACK = "serve_app.proxy:middlewares"
+MAX_BODY_ENV = "SAM3_VIDEO_PROXY_MAX_BODY_BYTES"
+DEFAULT_MAX_BODY = 100 * 1024 * 1024 + 64 * 1024
+
+
+class BodyLimit:
+    """Pure ASGI middleware: passes body messages on until more than `max_bytes` have passed
+    (so the ingress sees the limit crossed and answers 413), then reads no further."""
+
+    def __init__(self, app, max_bytes: int = DEFAULT_MAX_BODY) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        passed = 0
+
+        async def capped_receive():
+            nonlocal passed
+            if passed > self.max_bytes:
+                # Never returns: the proxy cancels this read when the ingress's answer ends the
+                # request, and until then the unread body stays in the client's socket.
+                await asyncio.Event().wait()
+            message = await receive()
+            if message["type"] == "http.request":
+                passed += len(message.get("body", b""))
+            return message
+
+        await self.app(scope, capped_receive, send)
+
+
+def middlewares() -> list:
+    """The proxy callback named by RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH."""
+    from starlette.middleware import Middleware
+
+    return [Middleware(BodyLimit, max_bytes=int(os.environ.get(MAX_BODY_ENV, DEFAULT_MAX_BODY)))]
+
+
+def install_env() -> None:
+    """Make proxies started from this process's Ray (ray.init after this) load the cap."""
+    os.environ.setdefault(CALLBACK_ENV, CALLBACK)

@@ -1,0 +1,73 @@
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import TEST_TOKENS_ENV
+
+E2E = Path(__file__).resolve().parent
+PRODIA_VERSION = "1.6.0"
+
+
+class OfficialClient:
+    """The API's official JavaScript client (npm prodia, pinned in package.json), run by node."""
+
+    def __init__(self, node: str, tmp: Path) -> None:
+        self.node = node
+        self.tmp = tmp
+        self.runs = 0
+
+    def job(self, base_url: str, config: dict, video: Path | bytes, *, token: str = "any-token",
+            job_type: str = "inference.sam3.segment.video.v1", timeout_s: float = 120) -> dict:
+        """One prodia.job(...) call. Returns {ok, job, output (bytes)} or {ok: False, error:
+        {name, message}}, with `responses`: each HTTP answer the client got ({status, retryAfter})."""
+        self.runs += 1
+        run = self.tmp / f"run{self.runs}"
+        run.mkdir()
+        if isinstance(video, bytes):
+            (run / "input.mp4").write_bytes(video)
+            video = run / "input.mp4"
+        spec = {"baseUrl": f"{base_url}/v2", "token": token, "job": {"type": job_type, "config": config},
+                "input": str(video), "output": str(run / "output.mp4")}
+        (run / "spec.json").write_text(json.dumps(spec))
+        done = subprocess.run([self.node, str(E2E / "prodia_job.js"), str(run / "spec.json")], cwd=E2E,
+                              capture_output=True, text=True, timeout=timeout_s)
+        assert done.returncode == 0, done.stderr
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        if result["ok"]:
+            result["output"] = (run / "output.mp4").read_bytes()
+        return result
+
+
+@pytest.fixture(scope="session")
+def official_client(tmp_path_factory) -> OfficialClient:
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed, so the official JavaScript client (npm prodia) cannot run")
+    package = E2E / "node_modules" / "prodia" / "package.json"
+    if not package.exists():
+        npm = shutil.which("npm")
+        assert npm, "node is installed but npm is not: cannot install the official client"
+        subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=E2E, check=True, timeout=300)
+    installed = json.loads(package.read_text())["version"]
+    assert installed == PRODIA_VERSION, f"tests/e2e/node_modules holds prodia {installed}, not {PRODIA_VERSION}"
+    return OfficialClient(node, tmp_path_factory.mktemp("prodia"))
+
+
+# The "strict" app: bearer auth on, a small upload limit, two job slots (four requests inside
+# the ingress) and two more queued in the proxy, so limits and backpressure are cheap to reach.
+STRICT_MAX_BYTES = 2 * 1024 * 1024
+STRICT_ARGS = {
+    "auth_tokens_env": TEST_TOKENS_ENV,
+    "limits": {"max_bytes": STRICT_MAX_BYTES},
+    "max_inflight_per_ingress": 2,
+    "ingress_max_queued_requests": 2,
+    "retry_after_s": 1,
+}
+
+
+@pytest.fixture(scope="session")
+def strict(cluster) -> str:
+    return cluster.deploy("strict", "/strict", **STRICT_ARGS)

@@ -1,0 +1,45 @@
+"""The handle API other Ray jobs use, against a real local Ray cluster:
+
+    handle = serve.get_app_handle("sam3-video")
+    mp4 = handle.segment.remote(video_bytes_or_ObjectRef, {"prompt": "fish"}).result()
+"""
+
+import pytest
+
+from serve_app.app import APP_NAME
+from serve_app.errors import InvalidJob, ServiceError, UnsupportedMedia
+from tests.checks import mask_iou
+from tests.conftest import SHAPES_FPS, SHAPES_H, SHAPES_N, SHAPES_W
+
+
+@pytest.fixture(scope="module")
+def app(graph):
+    from ray import serve
+
+    return serve.get_app_handle(APP_NAME)
+
+
+def test_segment_bytes_through_the_app_handle(app, shapes):
+    mp4 = app.segment.remote(shapes.read_bytes(), {"prompt": "green"}).result()
+    assert mask_iou(mp4, {"green"}, SHAPES_W, SHAPES_H, SHAPES_N, SHAPES_FPS) > 0.9
+
+
+def test_segment_an_object_ref(app, shapes):
+    import ray
+
+    ref = ray.put(shapes.read_bytes())
+    mp4 = app.segment.remote(ref, {"prompt": "yellow", "mode": "mask"}).result()
+    assert mask_iou(mp4, {"yellow"}, SHAPES_W, SHAPES_H, SHAPES_N, SHAPES_FPS) > 0.9
+
+
+def test_errors_arrive_as_the_service_types_with_their_message(app):
+    with pytest.raises(UnsupportedMedia) as caught:
+        app.segment.remote(b"", {"prompt": "red"}).result()
+    err = caught.value
+    print(type(err), err.args, getattr(err, "cause", None))
+    assert isinstance(err, ServiceError)
+    assert err.message == "upload is empty (0 bytes); send an MP4 video"
+
+    with pytest.raises(InvalidJob) as caught:
+        app.segment.remote(b"x", {"prompt": "red", "alpha": 2}).result()
+    assert caught.value.message == "config.alpha is 2; it must be between 0.0 and 1.0"

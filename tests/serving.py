@@ -1,0 +1,107 @@
+"""A real local Ray cluster with Serve's HTTP proxy, shared by the integration and e2e tiers.
+
+One cluster per test session: starting Ray costs ~4 s and each application ~5-10 s on two cores,
+so apps are deployed once (by name) and reused. Deployments stop fast (graceful_shutdown_* small
+in AppArgs) so the session ends in seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from email.parser import BytesParser
+from email.policy import HTTP
+from pathlib import Path
+from typing import Any
+
+from tests.doubles import SCRIPTED_TRACKER
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Every test app: the scripted stand-in tracker on CPU, quick to stop.
+TEST_APP_ARGS: dict[str, Any] = {
+    "tracker": SCRIPTED_TRACKER,
+    "tracker_num_gpus": 0,
+    "graceful_shutdown_timeout_s": 0.5,
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Cluster:
+    http_port: int
+    metrics_port: int
+    apps: dict[str, str] = field(default_factory=dict)  # app name -> base URL
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+    def deploy(self, name: str, route_prefix: str, **app_args: Any) -> str:
+        """Deploy `build_app(TEST_APP_ARGS | app_args)` once per session; returns its base URL."""
+        if name not in self.apps:
+            from ray import serve
+
+            from serve_app.app import build_app
+
+            serve.run(build_app({**TEST_APP_ARGS, **app_args}), name=name, route_prefix=route_prefix)
+            self.apps[name] = self.base + route_prefix.rstrip("/")
+        return self.apps[name]
+
+
+def start_cluster(env: dict[str, str] | None = None) -> Cluster:
+    """ray.init + serve.start on free ports. `env` is set before Ray starts, so every worker
+    (and so every replica) inherits it."""
+    import ray
+    from ray import serve
+
+    from serve_app.proxy import install_env
+
+    os.environ.update(env or {})
+    install_env()  # as `sam3-video serve` runs it: the proxy stops reading past the upload cap
+    # Replicas import the test doubles from this checkout.
+    paths = [str(REPO), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    cluster = Cluster(http_port=free_port(), metrics_port=free_port())
+    # Logical CPUs: the test apps reserve ~4 each and two cores must hold several apps.
+    ray.init(num_cpus=16, include_dashboard=False, log_to_driver=False,
+             _metrics_export_port=cluster.metrics_port)
+    serve.start(http_options={"host": "127.0.0.1", "port": cluster.http_port})
+    return cluster
+
+
+def stop_cluster() -> None:
+    import ray
+    from ray import serve
+
+    serve.shutdown()
+    ray.shutdown()
+
+
+def parse_multipart(body: bytes, content_type: str) -> dict[str, bytes]:
+    """{part name: bytes} of a multipart/form-data body."""
+    message = BytesParser(policy=HTTP).parsebytes(f"Content-Type: {content_type}\r\n\r\n".encode() + body)
+    parts = {}
+    for part in message.iter_parts():
+        parts[part.get_param("name", header="content-disposition")] = part.get_payload(decode=True)
+    return parts
+
+
+def wait_until(predicate, timeout_s: float, interval_s: float = 0.2):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(interval_s)
