@@ -227,7 +227,21 @@ def check_cluster_config(data: Any, file: str) -> tuple[list[Problem], dict | No
         if isinstance(lo, int) and isinstance(hi, int) and lo > hi:
             problems.append(Problem(file, _join(_join("available_node_types", name), "min_workers"),
                                     f"is {lo}, above max_workers {hi}"))
+    problems += _check_proxy_callback(data, file)
     return problems, prepared
+
+
+def _check_proxy_callback(data: dict, file: str) -> list[Problem]:
+    """Every `ray start` must load serve_app.proxy's body cap into the node's HTTP proxy."""
+    from serve_app.proxy import CALLBACK, CALLBACK_ENV
+
+    problems = []
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        for i, command in enumerate(data.get(key) or []):
+            if isinstance(command, str) and "ray start" in command and f"{CALLBACK_ENV}={CALLBACK}" not in command:
+                problems.append(Problem(file, f"{key}[{i}]", f"starts Ray without {CALLBACK_ENV}={CALLBACK}; "
+                                        "that node's HTTP proxy would read uploads of any size into memory"))
+    return problems
 
 
 def check_fit(replicas: list[tuple[str, str, dict]], cluster: dict, file: str, cluster_file: str) -> list[Problem]:

@@ -149,6 +149,14 @@ def test_type_min_above_max_is_caught_although_ray_accepts_it(cluster_cfg):
     ]
 
 
+def test_a_node_started_without_the_proxy_body_cap_is_reported(cluster_cfg):
+    cluster_cfg["worker_start_ray_commands"] = ["ray stop", "ray start --address=$RAY_HEAD_IP:6379"]
+    assert [str(p) for p in cluster_problems(cluster_cfg)] == [
+        "cluster.yaml: worker_start_ray_commands[1] starts Ray without RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH="
+        "serve_app.proxy:middlewares; that node's HTTP proxy would read uploads of any size into memory"
+    ]
+
+
 def test_a_replica_no_node_type_can_hold_is_reported(serve_cfg, cluster_cfg):
     serve_cfg["applications"][0]["args"]["tracker_num_cpus"] = 1  # the GPU type offers 0 CPUs
     problems, replicas = check_serve_config(serve_cfg, "serve_config.yaml")
