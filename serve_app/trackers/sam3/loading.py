@@ -99,11 +99,14 @@ def pick_device(device: str | None) -> Any:
 
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    chosen = torch.device(device)
+    try:
+        chosen = torch.device(device)
+    except RuntimeError:
+        chosen = None
+    if chosen is None or chosen.type not in ("cuda", "cpu"):
+        raise ModelUnavailable(f"device is {device!r}; SAM 3 runs on 'cuda' or 'cpu'")
     if chosen.type == "cuda" and not torch.cuda.is_available():
         raise ModelUnavailable(f"device is {device!r} but torch sees no CUDA device here")
-    if chosen.type not in ("cuda", "cpu"):
-        raise ModelUnavailable(f"device is {device!r}; SAM 3 runs on 'cuda' or 'cpu'")
     return chosen
 
 
