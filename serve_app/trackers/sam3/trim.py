@@ -22,7 +22,9 @@ forward, most of it can never be read again. After each emitted frame this drops
   * conditioning frames (where an object was added or re-conditioned on a detection, every
     16 frames): the first one and the `max_cond_frames_in_attn` (4) most recent, which is all
     `select_closest_cond_frames` can choose for a later frame, plus any inside the window
-    above (read there as unselected conditioning frames).
+    above (read there as unselected conditioning frames). Keeping the first one also keeps
+    more than `max_cond_frames_in_attn` frames, so sam3 still orders its choice by distance
+    (with at most that many it takes them all in insertion order, a different memory order).
 
 One case differs from keeping everything: when an object is removed from a tracker state
 that holds several objects, SAM 3 re-scores that state's past frames (sam3_tracking_predictor
