@@ -40,7 +40,7 @@ def tracker():
 
     torch.manual_seed(0)  # random weights, but the same ones every run
     t = Sam3Tracker(device="cpu", compile=False, random_weights=True, model_overrides=TEST_OVERRIDES,
-                    measure_memory=True)
+                    measure=True)
     yield t
     t.close()
 
@@ -105,7 +105,8 @@ def test_session_memory_stays_flat_past_the_window(tracker):
     dets = list(tracker.track(chunks, info, JobConfig(prompt="coloured shapes")))
     assert [d.frame_index for d in dets] == list(range(n))
 
-    held = dict(tracker.memory_log)
+    held = {r.frame: r.held_bytes for r in tracker.frame_log}
+    assert all(r.objects_tracked == 2 for r in tracker.frame_log)  # memory past the window holds objects
     k = 2
     # index k-1 and 2k-1 are both mid-video (the detector is still reading ahead)
     assert held[1] - held[0] > 1 << 20, "the window filling up must be visible to the measure"

@@ -173,7 +173,7 @@ def _patch_cpu_connected_components() -> None:
     """perflib/connected_components.py:48 is the CPU path of the hole filling every frame runs:
     it `torch.stack`s an empty list when no mask is in the batch (a frame with no new
     detection) and raises; and it counts component sizes with one full-image pass per
-    component (:24-27). Same labels and counts, empty batches allowed, one bincount."""
+    component (:25-28). Same labels and counts, empty batches allowed, one bincount."""
     import numpy as np
     from sam3.perflib import connected_components as cc
 

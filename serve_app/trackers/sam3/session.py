@@ -5,17 +5,19 @@ frame, then backward from it. With the prompt on frame 0 the backward pass cover
 (its processing order is range(-1, -1, -1), sam3_video_inference.py:242), so "both" from
 frame 0 is exactly the forward pass. That is what runs here, one frame at a time as frames
 arrive, and objects that appear later are still found: the detector runs on every frame and
-new detections become new objects (allow_new_detections, sam3_video_inference.py:365).
+new detections become new objects (allow_new_detections, sam3_video_inference.py:393).
 
 Lag. SAM 3 holds each frame's output back until `hotstart_delay` frames (15) have been
 processed, to drop objects that turn out to be spurious, and flushes the rest at the last
-frame (sam3_video_inference.py:287-307). So the output for frame i leaves after frame
-i + hotstart_delay - 1 has been read: callers must keep up to that many frames (the
-pipeline's FrameBuffer does), and a video shorter than the delay comes out all at the end.
+frame (sam3_video_inference.py:294-314). So the output for frame i leaves once frame
+i + hotstart_delay - 1 has been processed, and the detector has already read one frame
+beyond it: the tracker's input runs up to hotstart_delay + 1 frames (plus a decoder chunk)
+ahead of its output. The pipeline's FrameBuffer keeps those frames for overlays; a video
+shorter than the delay comes out all at its end.
 
 The session state is built here rather than by `model.init_state`, which wants a file path
 and decodes the whole video onto the device; `_new_state` mirrors it
-(sam3_video_inference.py:53-86 and 111-175) with two lazy parts: the frames (FrameSource)
+(sam3_video_inference.py:54-88 and 113-177) with two lazy parts: the frames (FrameSource)
 and the per-frame detector queries (one FindStage per frame, made on demand instead of
 num_frames small device tensors allocated up front).
 """
@@ -49,7 +51,7 @@ class _Stages(Sequence):
         from sam3.model.data_misc import FindStage, convert_my_tensors
         from sam3.model.utils.misc import copy_data_to_device
 
-        # The same query sam3_video_inference.py:128-138 builds for each frame.
+        # The same query sam3_video_inference.py:126-137 builds for each frame.
         template = FindStage(
             img_ids=[0], text_ids=[0], input_boxes=[torch.zeros(258)],
             input_boxes_mask=[torch.empty(0, dtype=torch.bool)], input_boxes_label=[torch.empty(0, dtype=torch.long)],

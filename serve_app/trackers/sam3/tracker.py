@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 import weakref
+from dataclasses import dataclass
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from fractions import Fraction
 from typing import Any
@@ -18,6 +19,16 @@ from serve_app.types import Detections, FrameChunk, VideoInfo
 log = logging.getLogger(__name__)
 
 DEFAULT_WARM_SIZES: tuple[tuple[int, int], ...] = ((832, 480), (1280, 720))
+
+
+@dataclass(frozen=True)
+class FrameRecord:
+    """What `measure=True` records after each emitted frame."""
+
+    frame: int
+    held_bytes: int          # tensor/array bytes the session holds (trim.held_bytes)
+    objects_tracked: int     # SAM 3's frame_stats["num_obj_tracked"] (before hiding any)
+    cuda_allocated: int      # torch.cuda.memory_allocated() on a GPU, else 0
 
 
 class Sam3Tracker:
@@ -39,7 +50,8 @@ class Sam3Tracker:
     - random_weights: build the architecture without weights (tests; outputs are meaningless).
     - trim_memory: keep each session's memory to the tracker's window (default; see trim.py).
     - max_pending: jobs that may wait for the model thread before new ones are refused.
-    - measure_memory: record the bytes each session holds after every frame (`memory_log`).
+    - measure: record, after every emitted frame of a job, the bytes its session holds, the
+      objects SAM 3 tracks and the GPU memory allocated (`frame_log`; benchmarks and tests).
 
     Output: one Detections per frame, in order, lagging the input by SAM 3's hotstart delay
     (15 frames). `scores` are SAM 3's `out_probs`: the detector's score for the object on the
@@ -51,7 +63,7 @@ class Sam3Tracker:
                  warm_sizes: Sequence[Sequence[int]] = (), *, warm_up: bool | None = None,
                  warm_frames: int | None = None, model_overrides: Mapping[str, Any] | None = None,
                  random_weights: bool = False, trim_memory: bool = True, max_pending: int = 4,
-                 measure_memory: bool = False) -> None:
+                 measure: bool = False) -> None:
         weights = resolve_weights(checkpoint, random_weights)  # fails before any thread starts
         self.device = pick_device(device)
         self.compile = self.device.type == "cuda" if compile is None else bool(compile)
@@ -59,8 +71,9 @@ class Sam3Tracker:
             raise ModelUnavailable("compile=True needs CUDA (sam3 compiles with CUDA graphs); use compile=False on CPU")
         self.warm_sizes = _sizes([*DEFAULT_WARM_SIZES, *warm_sizes])
         self.trim_memory = trim_memory
-        self.measure_memory = measure_memory
-        self.memory_log: list[tuple[int, int]] = []  # (frame index, bytes held) of the last job
+        self.measure = measure
+        self.frame_log: list[FrameRecord] = []  # the last job's, when `measure`
+        self.warm_up_seconds: dict[tuple[int, int], float] = {}
         self._sessions: weakref.WeakSet = weakref.WeakSet()
         overrides = dict(model_overrides or {})
 
@@ -77,7 +90,7 @@ class Sam3Tracker:
 
             torch._logging.set_logs(recompiles=True)  # every recompile is logged with its reason
         if self.compile if warm_up is None else warm_up:
-            self.warm_up()
+            self.warm_up_seconds = self.warm_up()
 
     # -- the Tracker protocol --------------------------------------------------------------
     def track(self, chunks: Iterable[FrameChunk], info: VideoInfo, config: JobConfig) -> Iterator[Detections]:
@@ -101,14 +114,17 @@ class Sam3Tracker:
         frames = FrameSource(num_frames, job.pull, model.device, expected_size=(height, width))
         session = Session(model, frames, num_frames, height, width, trim=self.trim_memory)
         self._sessions.add(session)
-        self.memory_log = []
+        self.frame_log = []
+        tracked = [0]
 
         def emit(index: int, outputs: dict) -> None:
+            tracked[0] = int((outputs.get("frame_stats") or {}).get("num_obj_tracked", 0))
             job.emit(to_detections(index, outputs, height, width))
 
         def between_frames() -> None:  # after the frame was emitted and the session trimmed
-            if self.measure_memory:
-                self.memory_log.append((session.emitted, held_bytes(session.state)))
+            if self.measure:
+                self.frame_log.append(FrameRecord(session.emitted, held_bytes(session.state), tracked[0],
+                                                  _cuda_allocated(model.device)))
             job.checkpoint()
 
         try:
@@ -192,6 +208,14 @@ def _apply_overrides(model: Any, overrides: Mapping[str, Any]) -> None:
             raise ValueError(f"model_overrides names {path!r}, which the SAM 3 model does not have")
         setattr(target, name, value)
         log.info("SAM 3 override: %s = %r", path, value)
+
+
+def _cuda_allocated(device) -> int:
+    if device.type != "cuda":
+        return 0
+    import torch
+
+    return int(torch.cuda.memory_allocated(device))
 
 
 def _compiled_graphs() -> int:
