@@ -84,7 +84,8 @@ def test_a_clip_through_the_request_path_from_other_threads(tracker, clip):
             assert d.obj_ids.dtype == np.int64 and d.boxes_xywh.shape == (len(d), 4)
             assert np.all((d.boxes_xywh >= 0) & (d.boxes_xywh <= 1))
             assert np.all(d.scores >= threshold)
-        assert isinstance(reports[threshold], StageReport) and reports[threshold].timings["track_ms"] > 0
+        assert isinstance(reports[threshold], StageReport)
+        assert reports[threshold].timings["track_ms"] > 0 and "decode_ms" in reports[threshold].timings
 
     everything = [(d.frame_index, int(i), float(s)) for d in results[0.0] for i, s in zip(d.obj_ids, d.scores)]
     assert everything, "the random-weight model proposed no object; the threshold check needs one"

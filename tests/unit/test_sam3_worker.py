@@ -90,6 +90,28 @@ def test_input_is_read_only_as_fast_as_the_model_pulls(worker):
     assert len(rest) == 9 and taken == [0, 2, 4, 6, 8]
 
 
+def test_the_input_is_read_to_its_end_so_a_trailing_report_arrives(worker):
+    finished = []
+
+    def decoder():
+        yield from chunks(4)
+        finished.append(True)  # the decoder stage sends its StageReport here
+
+    assert len(list(stream(worker, echo_job("a"), decoder()))) == 4
+    assert finished == [True]
+
+
+def test_more_frames_than_the_probe_counted_is_a_model_error(worker):
+    def three_frames_only(model, job):
+        chunk = job.pull()
+        for i in range(min(3, len(chunk))):
+            job.emit(i)
+        job.emit(DONE)
+
+    with pytest.raises(ModelError, match="decoder sent frames from 4 on"):
+        list(stream(worker, three_frames_only, chunks(6, size=4)))
+
+
 def test_closing_cancels_between_frames_and_returns_after_cleanup(worker):
     taken = []
     results = stream(worker, echo_job("a", delay=0.05), chunks(100, taken=taken))

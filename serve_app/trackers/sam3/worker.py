@@ -164,6 +164,8 @@ class ModelWorker:
         if self.alive():
             self._tasks.put(_STOP)
             self._thread.join(timeout)
+        if not self.alive():
+            self.model = None  # the weights go with the thread
 
 
 def stream(worker: ModelWorker, fn: Callable[[Any, Job], None], chunks: Iterable[FrameChunk]) -> Iterator[Any]:
@@ -187,6 +189,11 @@ def stream(worker: ModelWorker, fn: Callable[[Any, Job], None], chunks: Iterable
             if message is NEED_FRAMES:
                 job.to_model.put(next(source, None))
             elif message is DONE:
+                # Read the input to its end: the model never asks past the last frame, but the
+                # decoder's stream ends with its timing report and must be allowed to finish.
+                for extra in source:
+                    if len(extra):
+                        raise ModelError(f"the decoder sent frames from {extra.start} on; the probe counted fewer")
                 return
             elif isinstance(message, BaseException):
                 if isinstance(message, ServiceError):
