@@ -112,12 +112,18 @@ def main() -> int:
     ap.add_argument("--skip-compiled", action="store_true")
     args = ap.parse_args()
 
+    import importlib
+    import logging
+
     import torch
 
     if not args.cpu and not torch.cuda.is_available():
         print("bench_tracker needs a CUDA GPU (torch sees none here). For a smoke run of the script "
               "on the CPU: python benchmarks/bench_tracker.py --cpu --frames 3", file=sys.stderr)
         return 2
+    # Forced objects make SAM 3 warn on every frame that it hit max_num_objects.
+    importlib.import_module("sam3.model.sam3_video_base")  # its logger is set up on import
+    logging.getLogger("sam3.model.sam3_video_base").setLevel(logging.ERROR)
     from serve_app.errors import ModelUnavailable
     from serve_app.trackers.sam3.loading import resolve_weights
 

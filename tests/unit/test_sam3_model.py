@@ -115,6 +115,16 @@ def test_session_memory_stays_flat_past_the_window(tracker):
     assert tracker.sessions_alive() == 0
 
 
+def test_warm_up_runs_the_full_path_at_each_size(tracker, caplog):
+    """What a GPU replica runs at start (there with compile, at 832x480 and 1280x720)."""
+    tracker.warm_frames = 2
+    with caplog.at_level("INFO", logger="serve_app.trackers.sam3.tracker"):
+        seconds = tracker.warm_up([(64, 36)])
+    assert list(seconds) == [(64, 36)] and seconds[(64, 36)] > 0
+    assert "warm-up 64x36, 2 frames" in caplog.text
+    assert tracker.sessions_alive() == 0
+
+
 @pytest.mark.gpu
 def test_compiled_on_cuda_warm_up_and_flat_gpu_memory():
     """On a GPU: compile + warm-up at start, then peak GPU memory does not grow with length."""
