@@ -108,3 +108,25 @@ def test_compile_without_cuda_is_refused_before_building():
 
     with pytest.raises(ModelUnavailable, match="compile=True needs CUDA"):
         Sam3Tracker(random_weights=True, device="cpu", compile=True)
+
+
+def test_model_overrides_set_nested_attributes_and_refuse_unknown_ones():
+    from types import SimpleNamespace
+
+    from serve_app.trackers.sam3.tracker import _apply_overrides
+
+    model = SimpleNamespace(new_det_thresh=0.7, tracker=SimpleNamespace(max_obj_ptrs_in_encoder=16))
+    _apply_overrides(model, {"new_det_thresh": 0.8, "tracker.max_obj_ptrs_in_encoder": 8})
+    assert model.new_det_thresh == 0.8 and model.tracker.max_obj_ptrs_in_encoder == 8
+    for path in ("new_det_treshold", "tracker.nope", "nope.new_det_thresh"):
+        with pytest.raises(ValueError, match=repr(path)):
+            _apply_overrides(model, {path: 1})
+
+
+def test_warm_sizes_are_validated_and_deduplicated():
+    from serve_app.trackers.sam3.tracker import DEFAULT_WARM_SIZES, _sizes
+
+    assert _sizes([*DEFAULT_WARM_SIZES, [1920, 1080], (832, 480)]) == ((832, 480), (1280, 720), (1920, 1080))
+    for bad in ([1920], [0, 10], ["1920", "1080"], [1920.0, 1080]):
+        with pytest.raises(ValueError, match="width, height"):
+            _sizes([bad])

@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 import time
 import weakref
-from dataclasses import dataclass
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
 
