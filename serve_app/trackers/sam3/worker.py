@@ -98,7 +98,6 @@ class ModelWorker:
         self._ready = threading.Event()
         self._build_error: BaseException | None = None
         self.model: Any = None
-        self.busy = False
         self._thread = threading.Thread(target=self._main, args=(build,), name=name, daemon=True)
         self._thread.start()
         self._ready.wait()
@@ -124,7 +123,6 @@ class ModelWorker:
             task = self._tasks.get()
             if task is _STOP:
                 return
-            self.busy = True
             try:
                 if task.job is not None and not task.job.start():
                     raise Cancelled()
@@ -136,7 +134,6 @@ class ModelWorker:
                 if task.job is not None:
                     task.job.emit(exc)
             finally:
-                self.busy = False
                 task.done.set()
                 if task.job is not None:
                     task.job.finished.set()
