@@ -35,10 +35,19 @@ class Tracker:
     def __init__(self, decoder: Any, tracker: str, tracker_options: dict[str, Any]) -> None:
         from serve_app.trackers import load_tracker
 
+        # Builds the model and, for SAM 3 with compile, warms it up: the replica only reports
+        # ready (and takes requests) once that is done.
         self.stage = TrackStage(load_tracker(tracker, **tracker_options), decoder)
 
     def track(self, video, info, config):
         yield from self.stage.track(video, info, config)
+
+    def check_health(self) -> None:
+        # SAM 3 runs on one model thread per replica; if it died, every request would fail,
+        # so Serve should replace the replica.
+        check = getattr(self.stage.tracker, "check_health", None)
+        if check is not None:
+            check()
 
 
 @serve.deployment

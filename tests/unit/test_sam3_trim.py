@@ -1,0 +1,183 @@
+"""Trimming a SAM 3 session keeps exactly what later frames read.
+
+The tracker-state structure below is sam3 0.1.4's (sam3_tracking_predictor.init_state), and
+which memory frames a frame reads is decided by sam3's own `frame_filter` and
+`select_closest_cond_frames`; only the index arithmetic of `_prepare_memory_conditioned_features`
+(sam3_tracker_base.py:589-735) is restated here. No model is built.
+"""
+
+from collections import defaultdict
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from sam3.model.sam3_tracker_base import Sam3TrackerBase  # noqa: E402
+from sam3.model.sam3_tracker_utils import select_closest_cond_frames  # noqa: E402
+
+from serve_app.trackers.sam3.trim import held_bytes, trim_frame_caches, trim_tracker_state  # noqa: E402
+
+
+def sam3_tracker(**changes):
+    """The memory settings of sam3's video tracker (model_builder.build_tracker), as a stand-in."""
+    settings = dict(num_maskmem=7, max_cond_frames_in_attn=4, max_obj_ptrs_in_encoder=16,
+                    use_memory_selection=True, keep_first_cond_frame=False,
+                    memory_temporal_stride_for_eval=1, mf_threshold=0.01)
+    settings.update(changes)
+    return SimpleNamespace(**settings)
+
+
+def frames_read(tracker, output_dict, f, num_frames):
+    """(kind, frame, id of the output object) for every memory entry frame f reads."""
+    cond, non_cond = output_dict["cond_frame_outputs"], output_dict["non_cond_frame_outputs"]
+    selected, unselected = select_closest_cond_frames(
+        f, cond, tracker.max_cond_frames_in_attn, keep_first_cond_frame=tracker.keep_first_cond_frame)
+    reads = [("cond", t, id(out)) for t, out in selected.items()]
+    r = tracker.memory_temporal_stride_for_eval
+    valid = []
+    if tracker.use_memory_selection:
+        valid = Sam3TrackerBase.frame_filter(tracker, output_dict, False, f, num_frames, r)
+
+    def lookup(t):
+        out = non_cond.get(t, unselected.get(t))
+        return None if out is None else id(out)
+
+    for t_pos in range(1, tracker.num_maskmem):
+        t_rel = tracker.num_maskmem - t_pos
+        if tracker.use_memory_selection:
+            if t_rel > len(valid):
+                continue
+            prev = valid[-t_rel]
+        else:
+            prev = f - 1 if t_rel == 1 else ((f - 2) // r) * r - (t_rel - 2) * r
+        reads.append(("memory", prev, lookup(prev)))
+    for t_diff in range(1, min(num_frames, tracker.max_obj_ptrs_in_encoder)):
+        if tracker.use_memory_selection:
+            if -t_diff <= -len(valid):
+                break
+            t = valid[-t_diff]
+        else:
+            t = f - t_diff
+            if t < 0:
+                break
+        reads.append(("pointer", t, lookup(t)))
+    return reads
+
+
+def new_tracker_state(num_objects):
+    return {
+        "output_dict": {"cond_frame_outputs": {}, "non_cond_frame_outputs": {}},
+        "output_dict_per_obj": {i: {"cond_frame_outputs": {}, "non_cond_frame_outputs": {}} for i in range(num_objects)},
+        "consolidated_frame_inds": {"cond_frame_outputs": set(), "non_cond_frame_outputs": set()},
+        "mask_inputs_per_obj": {i: {} for i in range(num_objects)},
+        "point_inputs_per_obj": {i: {} for i in range(num_objects)},
+        "frames_already_tracked": {},
+    }
+
+
+def frame_output(score, num_objects=2):
+    return {"maskmem_features": torch.zeros(num_objects, 4, 6, 6), "obj_ptr": torch.zeros(num_objects, 8),
+            "pred_masks": torch.zeros(num_objects, 1, 12, 12), "eff_iou_score": torch.tensor(score)}
+
+
+def add_frame(state, f, out, cond):
+    key = "cond_frame_outputs" if cond else "non_cond_frame_outputs"
+    state["output_dict"][key][f] = out
+    for i, per_obj in state["output_dict_per_obj"].items():
+        per_obj[key][f] = {k: v[i:i + 1] for k, v in out.items() if k != "eff_iou_score"}
+    state["frames_already_tracked"][f] = {"reverse": False}
+    if cond:  # a detector mask conditions the tracker on this frame (birth or re-conditioning)
+        state["consolidated_frame_inds"]["cond_frame_outputs"].add(f)
+        for inputs in state["mask_inputs_per_obj"].values():
+            inputs[f] = torch.ones(1, 1, 18, 32, dtype=torch.bool)
+
+
+def scores(num_frames, seed):
+    """Eff. IoU scores with long stretches under mf_threshold (an occluded object), so
+    frame_filter has to reach far back for frames that pass."""
+    rng = np.random.default_rng(seed)
+    out = rng.uniform(0.02, 1.0, num_frames)
+    for start in rng.choice(num_frames, 6, replace=False):
+        out[start:start + rng.integers(5, 40)] = 0.0
+    return out
+
+
+@pytest.mark.parametrize("changes", [
+    {},                                                   # SAM 3's settings: memory selection on
+    {"use_memory_selection": False},
+    {"keep_first_cond_frame": True, "max_cond_frames_in_attn": 2},
+    {"memory_temporal_stride_for_eval": 3, "use_memory_selection": False},
+])
+def test_every_frame_reads_the_same_memory_after_trimming(changes):
+    tracker = sam3_tracker(**changes)
+    num_frames = 260
+    full, trimmed = new_tracker_state(2), new_tracker_state(2)
+    for f, score in enumerate(scores(num_frames, seed=len(changes))):
+        if f:
+            assert frames_read(tracker, trimmed["output_dict"], f, num_frames) == \
+                frames_read(tracker, full["output_dict"], f, num_frames), f"frame {f}"
+        out = frame_output(score)
+        cond = f == 0 or f % 16 == 0  # birth, then re-conditioning every 16 frames
+        add_frame(full, f, out, cond)
+        add_frame(trimmed, f, out, cond)
+        trim_tracker_state(trimmed, tracker)
+
+        kept = trimmed["output_dict"]
+        for per_obj in trimmed["output_dict_per_obj"].values():
+            assert per_obj["cond_frame_outputs"].keys() == kept["cond_frame_outputs"].keys()
+            assert per_obj["non_cond_frame_outputs"].keys() == kept["non_cond_frame_outputs"].keys()
+        # propagate_in_video_preflight asserts this equality on every re-conditioning
+        inputs = set().union(*(m.keys() for m in trimmed["mask_inputs_per_obj"].values()))
+        assert trimmed["consolidated_frame_inds"]["cond_frame_outputs"] == inputs
+
+    window = max(16, tracker.memory_temporal_stride_for_eval * 7)
+    assert len(full["output_dict"]["non_cond_frame_outputs"]) > 230
+    assert len(trimmed["output_dict"]["non_cond_frame_outputs"]) <= window + 15
+    assert len(trimmed["output_dict"]["cond_frame_outputs"]) <= 1 + tracker.max_cond_frames_in_attn + window // 16 + 1
+    assert len(trimmed["frames_already_tracked"]) == 1
+
+
+def test_emitted_frames_per_frame_caches_are_dropped_and_hotstart_counts_kept():
+    unmatched = defaultdict(list, {1: list(range(20)), 2: [3, 4], 3: list(range(8))})
+    overlaps = defaultdict(list, {(1, 2): list(range(9)), (1, 3): [5]})
+    state = {
+        "cached_frame_outputs": {f: {1: np.zeros((4, 4), bool)} for f in range(10)},
+        "tracker_metadata": {
+            "obj_id_to_tracker_score_frame_wise": defaultdict(dict, {f: {1: 0.9} for f in range(10)}),
+            "rank0_metadata": {
+                "suppressed_obj_ids": defaultdict(set, {f: set() for f in range(10)}),
+                "unmatched_frame_inds": unmatched,
+                "overlap_pair_to_frame_inds": overlaps,
+            },
+        },
+    }
+    before = {k: len(v) >= 8 for k, v in unmatched.items()}, {k: len(v) >= 8 for k, v in overlaps.items()}
+    trim_frame_caches(state, emitted=6, unmatch_thresh=8, dup_thresh=8)
+    assert sorted(state["cached_frame_outputs"]) == [7, 8, 9]
+    assert sorted(state["tracker_metadata"]["obj_id_to_tracker_score_frame_wise"]) == [7, 8, 9]
+    assert sorted(state["tracker_metadata"]["rank0_metadata"]["suppressed_obj_ids"]) == [7, 8, 9]
+    # SAM 3 only asks `len(frames) >= threshold` of these lists
+    after = {k: len(v) >= 8 for k, v in unmatched.items()}, {k: len(v) >= 8 for k, v in overlaps.items()}
+    assert after == before
+    assert unmatched[1] == list(range(12, 20)) and unmatched[2] == [3, 4]
+
+
+def test_an_empty_session_is_left_alone():
+    state = new_tracker_state(0)
+    trim_tracker_state(state, sam3_tracker())
+    trim_frame_caches({"tracker_metadata": {}}, emitted=3, unmatch_thresh=8, dup_thresh=8)
+    assert state == new_tracker_state(0)
+
+
+def test_held_bytes_counts_each_storage_once():
+    base = torch.zeros(4, 256)                  # 4 KiB
+    array = np.zeros(1000, np.uint8)
+
+    class Frames:                               # stands in for a FrameSource
+        nbytes = 500
+
+    state = {"a": base, "views": [base[0], base[1:3]], "np": (array, array[10:]),
+             "frames": Frames(), "model": torch.nn.Linear(1000, 1000), "n": 3, "s": "x"}
+    assert held_bytes(state) == 4096 + 1000 + 500

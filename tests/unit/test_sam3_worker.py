@@ -1,0 +1,184 @@
+"""The model-owner thread and its queues, driven by a small test double instead of SAM 3."""
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from serve_app.errors import ModelError, ModelUnavailable, Overloaded, UnsupportedMedia
+from serve_app.trackers.sam3.worker import DONE, Cancelled, Job, ModelWorker, stream
+from serve_app.types import FrameChunk
+
+
+class EchoModel:
+    """Test double for the SAM 3 model: records the thread it was built on, how many jobs run
+    at once, and which jobs cleaned up (as Session.close does)."""
+
+    def __init__(self):
+        self.built_on = threading.current_thread()
+        self.running = 0
+        self.most_running = 0
+        self.cleaned: list[str] = []
+
+
+def echo_job(name, delay=0.0):
+    """What Sam3Tracker._run does, minus SAM 3: pull frames, emit one result per frame."""
+
+    def run(model, job):
+        model.running += 1
+        model.most_running = max(model.most_running, model.running)
+        try:
+            while (chunk := job.pull()) is not None:
+                for i, frame in enumerate(chunk.frames):
+                    time.sleep(delay)
+                    job.emit((name, chunk.start + i, int(frame.mean()), threading.current_thread()))
+                job.checkpoint()
+            job.emit(DONE)
+        finally:
+            model.running -= 1
+            model.cleaned.append(name)
+
+    return run
+
+
+def chunks(n, size=2, taken=None, fail_at=None):
+    for start in range(0, n, size):
+        if fail_at is not None and start >= fail_at:
+            raise UnsupportedMedia("the decoder failed")
+        if taken is not None:
+            taken.append(start)
+        count = min(size, n - start)
+        yield FrameChunk(start, np.stack([np.full((4, 4, 3), start + i, np.uint8) for i in range(count)]))
+
+
+@pytest.fixture
+def worker():
+    w = ModelWorker(EchoModel, max_pending=2)
+    yield w
+    w.stop()
+
+
+def test_results_come_back_in_order_from_the_thread_that_built_the_model(worker):
+    out = list(stream(worker, echo_job("a"), chunks(7)))
+    assert [(r[1], r[2]) for r in out] == [(i, i) for i in range(7)]
+    assert all(r[3] is worker.model.built_on for r in out)
+    assert worker.model.built_on is not threading.current_thread()
+
+
+def test_concurrent_requests_from_other_threads_run_one_at_a_time(worker):
+    results = {}
+
+    def request(name):
+        results[name] = [r[1] for r in stream(worker, echo_job(name, delay=0.01), chunks(6))]
+
+    threads = [threading.Thread(target=request, args=(n,)) for n in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == {"a": list(range(6)), "b": list(range(6))}
+    assert worker.model.most_running == 1
+
+
+def test_input_is_read_only_as_fast_as_the_model_pulls(worker):
+    taken = []
+    results = stream(worker, echo_job("a"), chunks(10, taken=taken))
+    next(results)
+    assert taken == [0]
+    rest = list(results)
+    assert len(rest) == 9 and taken == [0, 2, 4, 6, 8]
+
+
+def test_the_input_is_read_to_its_end_so_a_trailing_report_arrives(worker):
+    finished = []
+
+    def decoder():
+        yield from chunks(4)
+        finished.append(True)  # the decoder stage sends its StageReport here
+
+    assert len(list(stream(worker, echo_job("a"), decoder()))) == 4
+    assert finished == [True]
+
+
+def test_more_frames_than_the_probe_counted_is_a_model_error(worker):
+    def three_frames_only(model, job):
+        chunk = job.pull()
+        for i in range(min(3, len(chunk))):
+            job.emit(i)
+        job.emit(DONE)
+
+    with pytest.raises(ModelError, match="decoder sent frames from 4 on"):
+        list(stream(worker, three_frames_only, chunks(6, size=4)))
+
+
+def test_closing_cancels_between_frames_and_returns_after_cleanup(worker):
+    taken = []
+    results = stream(worker, echo_job("a", delay=0.05), chunks(100, taken=taken))
+    next(results)
+    results.close()
+    assert worker.model.cleaned == ["a"] and worker.model.running == 0
+    assert len(taken) <= 2
+    assert list(stream(worker, echo_job("b"), chunks(3)))  # the worker serves the next job
+
+
+def test_a_job_cancelled_while_queued_never_runs(worker):
+    job = Job()
+    assert job.cancel() is False  # not started: nothing to wait for
+    task = worker.submit(echo_job("late"), job)
+    assert job.finished.wait(5) and task.done.is_set()
+    assert worker.model.cleaned == []
+
+
+def test_a_full_queue_is_refused_and_the_worker_keeps_serving(worker):
+    gate = threading.Event()
+    worker.submit(lambda model: gate.wait(5))   # occupies the model thread
+    time.sleep(0.05)
+    waiting = [worker.submit(lambda model: None) for _ in range(2)]  # max_pending=2 now waiting
+    with pytest.raises(Overloaded, match="2 jobs are already waiting"):
+        worker.submit(lambda model: None)
+    gate.set()
+    assert all(task.done.wait(5) for task in waiting)
+    assert worker.call(lambda model: "served", timeout=5) == "served"
+
+
+def test_a_model_failure_reaches_the_caller_as_a_model_error(worker):
+    def broken(model, job):
+        job.pull()
+        raise RuntimeError("Input type (c10::BFloat16) and bias type (float) should be the same")
+
+    with pytest.raises(ModelError, match="SAM 3 failed: RuntimeError: Input type"):
+        list(stream(worker, broken, chunks(3)))
+    assert [r[1] for r in stream(worker, echo_job("b"), chunks(2))] == [0, 1]
+
+
+def test_an_input_failure_reaches_the_caller_after_the_job_cleaned_up(worker):
+    with pytest.raises(UnsupportedMedia):
+        list(stream(worker, echo_job("a"), chunks(10, fail_at=4)))
+    assert worker.model.cleaned == ["a"]
+
+
+def test_a_failed_build_is_raised_by_the_constructor():
+    def build():
+        raise ModelUnavailable("no SAM 3 weights configured")
+
+    with pytest.raises(ModelUnavailable, match="no SAM 3 weights"):
+        ModelWorker(build)
+
+
+def test_a_stopped_model_thread_fails_health_checks_and_requests():
+    w = ModelWorker(EchoModel)
+    w.check()
+    w.stop()
+    with pytest.raises(ModelUnavailable, match="model thread has stopped"):
+        w.check()
+    with pytest.raises(ModelUnavailable):
+        list(stream(w, echo_job("a"), chunks(2)))
+
+
+def test_pull_raises_cancelled_once_the_request_cancels():
+    job = Job()
+    assert job.start()
+    job.cancel()
+    with pytest.raises(Cancelled):
+        job.pull()
