@@ -61,7 +61,8 @@ class Decoder:
         self.sessions.close(job_id)
 
     def __del__(self) -> None:
-        self.sessions.shutdown()
+        if hasattr(self, "sessions"):
+            self.sessions.shutdown()
 
 
 @serve.deployment

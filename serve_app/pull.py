@@ -27,7 +27,7 @@ from bisect import bisect_right
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, closing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from serve_app.errors import ModelError
@@ -81,6 +81,10 @@ class _Session:
                 self.stash[chunk.start // self.chunk_frames] = chunk
         return self.reader.read(), wasted, opened
 
+    def done(self) -> bool:
+        """Read to the end, and no chunk kept for a call still on its way."""
+        return self.reader is not None and self.reader.position >= self.info.num_frames and not self.stash
+
     def _once(self, index: int) -> tuple[FrameChunk, int, bool]:
         from serve_app.video.decode import ChunkReader
 
@@ -114,19 +118,21 @@ class DecodeSessions:
         """Frames [index * chunk_frames, ...) of the video (the last chunk shorter)."""
         if not 0 <= index < num_chunks(info, self.chunk_frames):
             raise ValueError(f"chunk {index} asked for; the video has {num_chunks(info, self.chunk_frames)}")
-        start = time.perf_counter()
         session = self._session(video, info, job_id)
         try:
-            with session.lock:
+            with session.lock:  # not timed while waiting here: that is another call's decoding
+                start = time.perf_counter()
                 session.last_used = self.clock()
                 chunk, wasted, opened = session.serve(index)
                 session.last_used = self.clock()
+                busy = time.perf_counter() - start
+                done = session.done()
         except BaseException:
             self.close(job_id, session)  # a damaged file fails each call alike; nothing to keep
             raise
-        if chunk.start + len(chunk) >= info.num_frames:
+        if done:
             self.close(job_id, session)
-        return PulledChunk(chunk, (time.perf_counter() - start) * 1e3, time.time(), wasted, opened)
+        return PulledChunk(chunk, busy * 1e3, time.time(), wasted, opened)
 
     def _session(self, video: VideoRef, info: VideoInfo, job_id: str) -> _Session:
         with self._lock:
@@ -201,6 +207,8 @@ class RemoteDecoder:
         job_id = uuid.uuid4().hex
         # The job id as multiplexed model id: Serve prefers the replica that holds its reader.
         decoder = self.handle.options(multiplexed_model_id=job_id)
+        # Decoding needs no timestamps; 18,000 of them would travel with every call (~90 KB).
+        sent = replace(info, pts=())
         total = num_chunks(info, self.chunk_frames)
         pending: deque = deque()
         issued = 0
@@ -213,7 +221,7 @@ class RemoteDecoder:
                 # Serve's router, and calls sent before the router knows would land anywhere.
                 # (Measured with 2 decoders: 4 of 8 jobs then decoded 32-48 frames twice.)
                 while issued < min(total, index + 1 + (self.ahead if index else 0)):
-                    pending.append(decoder.chunk.remote(video, info, job_id, issued))
+                    pending.append(decoder.chunk.remote(video, sent, job_id, issued))
                     issued += 1
                 t = time.perf_counter()
                 pulled: PulledChunk = pending.popleft().result()

@@ -1,10 +1,11 @@
 """The three graph stages as plain classes; serve_app/deployments.py wraps each in a deployment.
 
 Frames travel decoder -> tracker, detections tracker -> encoder, the mp4 encoder -> caller.
-The tracker pulls frame chunks from the decoder a few chunks ahead (serve_app/pull.py: Serve's
-streams would let the decoder run ahead without bound); the encoder pulls detections from the
-tracker through a streaming handle, which a slower encoder cannot let pile up (it is the one
-consuming them). The stages overlap, so a request takes about as long as its slowest stage.
+The tracker pulls frame chunks from the decoder a few chunks ahead (serve_app/pull.py: a Serve
+stream would let the decoder run a whole video ahead). The encoder reads the tracker's
+detections (bit-packed masks) through a streaming handle: as unbounded as any Serve stream,
+but fed by the slowest stage, SAM 3, so what waits in it is only what the encoder has not
+caught up on. The stages overlap, so a request takes about as long as its slowest stage.
 Nothing but the mp4 comes back to the ingress. Each stream ends with a StageReport carrying
 what that stage measured.
 """

@@ -114,8 +114,8 @@ def test_the_reaper_closes_readers_whose_tracker_vanished(clip, spool_dir):
         sessions.chunk(video, info, "job", 0)
         assert sessions.jobs() == ["job"]
         deadline = time.monotonic() + 5
-        while sessions.jobs() and time.monotonic() < deadline:
-            time.sleep(0.05)
+        while (sessions.jobs() or spool_dir()) and time.monotonic() < deadline:
+            time.sleep(0.05)  # the reaper drops the job, then closes its reader
         assert sessions.jobs() == [] and spool_dir() == []
     finally:
         sessions.shutdown()
@@ -243,3 +243,28 @@ def test_decode_lead_counts_chunks_decoded_and_not_yet_taken():
     # pulled: each decoded just before it was taken
     assert decode_lead(decoded=[0.9, 1.9, 2.9, 3.9], taken=[1, 2, 3, 4]) == 1
     assert decode_lead(decoded=[], taken=[]) == 0
+
+
+def test_in_process_the_tracker_still_reads_the_decoder_stage_directly(clip):
+    from serve_app.contract import JobConfig
+    from serve_app.stages import DecodeStage, TrackStage
+    from serve_app.trackers.fake import ColorShapeTracker
+    from serve_app.wire import PackedDetections, StageReport
+
+    video, info, _ = clip
+    out = list(TrackStage(ColorShapeTracker(), DecodeStage(CF)).track(video, info, JobConfig(prompt="red")))
+    assert [d.frame_index for d in out[:-1] if isinstance(d, PackedDetections)] == list(range(N))
+    report = out[-1]
+    assert isinstance(report, StageReport) and report.timings["decode_ms"] > 0 and "track_ms" in report.timings
+
+
+def test_a_reader_that_passed_chunks_asked_for_later_stays_open_until_they_are_served(clip, spool_dir):
+    video, info, full = clip
+    sessions = DecodeSessions(CF, max_stash=2)
+    for i in range(6):
+        sessions.chunk(video, info, "job", i)
+    last = sessions.chunk(video, info, "job", 7)  # prefetch calls crossed at the end: 7 before 6
+    assert sessions.jobs() == ["job"]
+    six = sessions.chunk(video, info, "job", 6)
+    check(last, 7, full), check(six, 6, full)
+    assert not six.opened and sessions.jobs() == [] and spool_dir() == []
