@@ -57,7 +57,8 @@ class AppArgs(BaseModel):
     # The tracker pulls chunks from the decoder; this bounds the decoded frames of one job to
     # (decode_ahead_chunks + 1) chunks in flight whatever the video's length.
     decode_ahead_chunks: int = Field(2, ge=1, le=16, description="Chunks asked for beyond the one being tracked.")
-    decoder_sessions: int = Field(8, ge=1, description="Jobs whose open reader a decoder replica keeps between calls.")
+    # At most the 16 job ids a decoder replica registers with Serve's router (deployments.Decoder).
+    decoder_sessions: int = Field(8, ge=1, le=16, description="Jobs whose open reader a decoder replica keeps between calls.")
     decoder_idle_s: float = Field(60.0, gt=0, description="A reader not asked for a chunk this long is closed.")
     encoder_preset: str = Field("veryfast", description="libx264 preset for overlay videos.")
     mask_encoder_preset: str = Field("ultrafast", description="libx264 preset for mask videos (see pipeline.DEFAULT_PRESETS).")
