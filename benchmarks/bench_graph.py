@@ -1,6 +1,6 @@
 """The served graph over HTTP vs the in-process pipeline, on the same clip, in the same run.
 
-    python benchmarks/bench_graph.py [--quick] [--only speed|memory]
+    python benchmarks/bench_graph.py [--quick] [--only speed|memory|flow]
 
 - speed: POST /v2/segment (mask mode, stand-in tracker on CPU) against `sam3-video serve`'s
   graph (embedded Ray, HTTP proxy), at 1, 2 and 4 concurrent clients, vs
@@ -10,6 +10,9 @@
   checks every answer: none lost, each the right mask for its own prompt.
 - memory: peak RSS growth of the ingress replica and of Serve's HTTP proxy while a ~95 MB mp4
   is uploaded and segmented, and while a 600 MB chunked upload is refused at the 100 MB limit.
+- flow: decoded frames in flight between decoder and tracker vs the video's length, with a
+  tracker slowed to 10 ms a frame (the scripted test double): the most chunks decoded and not
+  yet taken by the tracker (serve_app/pull.py measures it per job), and those chunks in MB.
 """
 
 from __future__ import annotations
@@ -187,6 +190,35 @@ def speed(base: str, clip_path: Path, seconds: int, repeats: int) -> None:
                 [*STAGES, "total", "sum", "total/sum", "total/slowest", "slowest"]))
 
 
+def flow(seconds_list: tuple[int, ...]) -> None:
+    from ray import serve
+
+    from serve_app.app import APP_NAME, AppArgs, build_app
+
+    serve.delete(APP_NAME)  # the local cluster has CPUs for one app (run last for this reason)
+    args = AppArgs(tracker="tests.doubles:ScriptedTracker", tracker_num_gpus=0,
+                   tracker_options={"delay_s": 0.01}, graceful_shutdown_timeout_s=0.5)
+    handle = serve.run(build_app(args), name="flow", route_prefix=None)
+    width, height = 640, 360
+    rows = []
+    for seconds in seconds_list:
+        clip = shapes_clip(width, height, seconds).read_bytes()
+        t = time.perf_counter()
+        result = handle.segment_result.remote(clip, {"prompt": "slow red"}).result()
+        wall = time.perf_counter() - t
+        x, frames = result.timings.extra, result.num_frames
+        lead = int(x["decode_lead_chunks"])
+        rows.append({"frames": frames, "chunks": -(-frames // args.chunk_frames), "lead_chunks": lead,
+                     "in_flight_mb": lead * args.chunk_frames * width * height * 3 / 2**20,
+                     "all_frames_mb": frames * width * height * 3 / 2**20, "decode_opens": int(x["decode_opens"]),
+                     "wasted_frames": int(x["decode_wasted_frames"]), "seconds": wall})
+    serve.delete("flow")
+    print(f"\ndecoded frames in flight vs length, {width}x{height}, tracker at 10 ms/frame, chunk_frames="
+          f"{args.chunk_frames}, decode_ahead_chunks={args.decode_ahead_chunks} (bound: ahead + 1 chunks)")
+    print(table(rows, ["frames", "chunks", "lead_chunks", "in_flight_mb", "all_frames_mb", "decode_opens",
+                       "wasted_frames", "seconds"]))
+
+
 def serve_pids() -> dict[str, int]:
     import psutil
 
@@ -263,9 +295,12 @@ def memory(base: str, port: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--only", choices=["speed", "memory"])
+    ap.add_argument("--only", choices=["speed", "memory", "flow"])
     args = ap.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # The flow figures use the scripted tracker of tests/doubles.py, imported by the replicas.
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent),
+                                                             os.environ.get("PYTHONPATH")]))
     repeats = 2 if args.quick else 5
     print(f"machine: {os.cpu_count()} cores (shared with other work: figures are noisy; ratios are "
           "taken within this run)", flush=True)
@@ -277,10 +312,12 @@ def main() -> None:
     print(f"graph started in {start_graph(port):.1f} s", flush=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        if args.only != "memory":
+        if args.only in (None, "speed"):
             speed(base, clip, seconds, repeats)
-        if args.only != "speed":
+        if args.only in (None, "memory"):
             memory(base, port)
+        if args.only in (None, "flow"):
+            flow((5, 10) if args.quick else (5, 10, 20))
     finally:
         from ray import serve
 

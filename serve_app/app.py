@@ -54,6 +54,12 @@ class AppArgs(BaseModel):
     retry_after_s: int = Field(5, ge=1)
 
     chunk_frames: int = Field(16, ge=1, le=256, description="Frames per decoder chunk.")
+    # The tracker pulls chunks from the decoder; this bounds the decoded frames of one job to
+    # (decode_ahead_chunks + 1) chunks in flight whatever the video's length.
+    decode_ahead_chunks: int = Field(2, ge=1, le=16, description="Chunks asked for beyond the one being tracked.")
+    # At most the 16 job ids a decoder replica registers with Serve's router (deployments.Decoder).
+    decoder_sessions: int = Field(8, ge=1, le=16, description="Jobs whose open reader a decoder replica keeps between calls.")
+    decoder_idle_s: float = Field(60.0, gt=0, description="A reader not asked for a chunk this long is closed.")
     encoder_preset: str = Field("veryfast", description="libx264 preset for overlay videos.")
     mask_encoder_preset: str = Field("ultrafast", description="libx264 preset for mask videos (see pipeline.DEFAULT_PRESETS).")
     limits: Limits = Field(default_factory=Limits)
@@ -75,12 +81,16 @@ def build_app(args: dict[str, Any] | AppArgs | None = None):
     from ray import serve
 
     from serve_app.deployments import Decoder, Encoder, Ingress, Tracker
+    from serve_app.pull import RemoteDecoder
 
     a = args if isinstance(args, AppArgs) else AppArgs.model_validate(args or {})
     quick_stop = {"graceful_shutdown_wait_loop_s": 0.5, "graceful_shutdown_timeout_s": a.graceful_shutdown_timeout_s}
+    # Room for every call the jobs it keeps readers for may have in flight: a call refused here
+    # would go to another replica, which has to decode the video up to that chunk.
     decoder = Decoder.options(
-        num_replicas=a.decoder_replicas, ray_actor_options={"num_cpus": a.decoder_num_cpus}, max_ongoing_requests=8, **quick_stop
-    ).bind(a.chunk_frames)
+        num_replicas=a.decoder_replicas, ray_actor_options={"num_cpus": a.decoder_num_cpus},
+        max_ongoing_requests=a.decoder_sessions * (a.decode_ahead_chunks + 1), **quick_stop
+    ).bind(a.chunk_frames, a.decoder_sessions, a.decoder_idle_s, a.decode_ahead_chunks)
     tracker = Tracker.options(
         ray_actor_options={"num_gpus": a.tracker_num_gpus, "num_cpus": a.tracker_num_cpus},
         max_ongoing_requests=a.tracker_max_ongoing_requests,
@@ -95,7 +105,7 @@ def build_app(args: dict[str, Any] | AppArgs | None = None):
         # A model replica takes minutes to build, download and warm up.
         health_check_timeout_s=120,
         **quick_stop,
-    ).bind(decoder, a.tracker, a.resolved_tracker_options())
+    ).bind(RemoteDecoder(decoder, a.chunk_frames, a.decode_ahead_chunks), a.tracker, a.resolved_tracker_options())
     encoder = Encoder.options(
         num_replicas=a.encoder_replicas, ray_actor_options={"num_cpus": a.encoder_num_cpus},
         max_ongoing_requests=a.encoder_max_ongoing_requests, max_queued_requests=a.max_queued_requests,

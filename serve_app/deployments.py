@@ -15,17 +15,54 @@ from ray import serve
 
 from serve_app.contract import JobConfig, parse_config, parse_job
 from serve_app.errors import ModelError, Overloaded, ServiceError, Unauthorized, http_status
-from serve_app.stages import DecodeStage, EncodeStage, TrackStage
-from serve_app.types import Limits
+from serve_app.stages import EncodeStage, TrackStage
+from serve_app.types import Limits, VideoInfo
 from serve_app.upload import check_size
-from serve_app.wire import SegmentResult, VideoRef, job_json, new_request_id
+from serve_app.wire import PulledChunk, SegmentResult, VideoRef, job_json, new_request_id
 
 log = logging.getLogger("ray.serve")
 
 
 @serve.deployment
-class Decoder(DecodeStage):
-    """CPU: frames of one upload, streamed in chunks to the tracker."""
+class Decoder:
+    """CPU: decodes the chunks trackers ask for (serve_app/pull.py), keeping each job's reader
+    open between its calls."""
+
+    def __init__(self, chunk_frames: int, sessions: int, idle_s: float, ahead: int) -> None:
+        from ray.serve.exceptions import RayServeException
+
+        from serve_app.pull import DecodeSessions
+
+        self.sessions = DecodeSessions(chunk_frames, capacity=sessions, idle_s=idle_s, max_stash=ahead)
+        self.sessions.start_reaper()
+        try:
+            serve.get_replica_context()
+            self.routed = True
+        except RayServeException:  # local testing mode: one replica and no multiplexing support
+            self.routed = False
+
+    # Serve's model multiplexing with the job id as model id: the replica that serves a job's
+    # first chunk tells Serve's router so, and the router sends the job's later calls there
+    # first. Only routing: a replica without a job's reader serves its chunk all the same
+    # (serve_app/pull.py). Only chunk 0 registers a job: a job registered on two replicas (a
+    # call sent elsewhere before the router learnt of the first) has its calls alternate
+    # between them, each decoding the whole video (measured: 256 of 300 frames decoded twice).
+    # An id stays after its job ends and draws no more calls; 16 cover the readers kept.
+    @serve.multiplexed(max_num_models_per_replica=16)
+    async def _register(self, job_id: str) -> str:
+        return job_id
+
+    async def chunk(self, video: VideoRef, info: VideoInfo, job_id: str, index: int) -> PulledChunk:
+        if self.routed and index == 0:
+            await self._register(job_id)
+        return await asyncio.to_thread(self.sessions.chunk, video, info, job_id, index)
+
+    def close_job(self, job_id: str) -> None:
+        self.sessions.close(job_id)
+
+    def __del__(self) -> None:
+        if hasattr(self, "sessions"):
+            self.sessions.shutdown()
 
 
 @serve.deployment

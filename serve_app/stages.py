@@ -1,9 +1,13 @@
 """The three graph stages as plain classes; serve_app/deployments.py wraps each in a deployment.
 
-Frames travel decoder -> tracker, detections tracker -> encoder, the mp4 encoder -> caller:
-each stage pulls from the one before it through a streaming handle, so the stages overlap and
-a request takes about as long as its slowest stage. Nothing but the mp4 comes back to the
-ingress. Each stream ends with a StageReport carrying what that stage measured.
+Frames travel decoder -> tracker, detections tracker -> encoder, the mp4 encoder -> caller.
+The tracker pulls frame chunks from the decoder a few chunks ahead (serve_app/pull.py: a Serve
+stream would let the decoder run a whole video ahead). The encoder reads the tracker's
+detections (bit-packed masks) through a streaming handle: as unbounded as any Serve stream,
+but fed by the slowest stage, SAM 3, so what waits in it is only what the encoder has not
+caught up on. The stages overlap, so a request takes about as long as its slowest stage.
+Nothing but the mp4 comes back to the ingress. Each stream ends with a StageReport carrying
+what that stage measured.
 """
 
 from __future__ import annotations
@@ -12,27 +16,12 @@ import os
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
 from typing import Any
 
 from serve_app.contract import JobConfig
 from serve_app.trackers import Tracker
 from serve_app.types import FrameChunk, StageTimings, VideoInfo
-from serve_app.wire import PackedDetections, SegmentResult, StageReport, VideoRef
-
-
-@contextmanager
-def spooled(video: VideoRef | bytes) -> Iterator[str]:
-    """The video's bytes as a temporary file (decord and PyAV read paths best)."""
-    data = video.get() if isinstance(video, VideoRef) else video
-    fd, path = tempfile.mkstemp(suffix=".mp4")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        del data
-        yield path
-    finally:
-        os.unlink(path)
+from serve_app.wire import PackedDetections, SegmentResult, StageReport, VideoRef, spooled
 
 
 class DecodeStage:
@@ -69,17 +58,17 @@ class TrackStage:
 
     def __init__(self, tracker: Tracker, decoder: Any) -> None:
         self.tracker = tracker
-        self.decoder = decoder  # DeploymentHandle (or a DecodeStage, in-process)
+        self.decoder = decoder  # a RemoteDecoder (Decoder deployment), or a DecodeStage in-process
 
-    def _chunks(self, video: VideoRef, info: VideoInfo) -> Iterable[Any]:
+    def _chunks(self, video: VideoRef, info: VideoInfo, report: dict[str, float]) -> Iterable[FrameChunk]:
         if isinstance(self.decoder, DecodeStage):
-            return self.decoder.decode(video, info)
-        return self.decoder.options(stream=True).decode.remote(video, info)
+            return split_report(self.decoder.decode(video, info), report)
+        return self.decoder.chunks(video, info, report)
 
     def track(self, video: VideoRef, info: VideoInfo, config: JobConfig) -> Iterator[PackedDetections | StageReport]:
         start = time.perf_counter()
         upstream: dict[str, float] = {}
-        detections = self.tracker.track(split_report(self._chunks(video, info), upstream), info, config)
+        detections = self.tracker.track(self._chunks(video, info, upstream), info, config)
         try:
             for dets in detections:
                 yield PackedDetections.pack(dets.keep(config.confidence_threshold))
@@ -88,7 +77,9 @@ class TrackStage:
             if close is not None:
                 close()  # frees the tracker's session when the caller went away
         total = (time.perf_counter() - start) * 1e3
-        upstream["track_ms"] = max(0.0, total - upstream.get("decode_ms", 0.0))
+        # Pulled chunks are decoded while the tracker works: only its waits for them are not tracking.
+        waited = upstream.pop("decode_wait_ms", upstream.get("decode_ms", 0.0))
+        upstream["track_ms"] = max(0.0, total - waited)
         yield StageReport(upstream)
 
 
@@ -123,6 +114,8 @@ class EncodeStage:
                 mp4 = f.read()
         timings.decode_ms = upstream.get("decode_ms", 0.0)
         timings.track_ms = upstream.get("track_ms", timings.track_ms)
+        # How the pull went (serve_app/pull.py): read by the benchmarks and tests.
+        timings.extra.update({k: v for k, v in upstream.items() if k.startswith("decode_") and k != "decode_ms"})
         return SegmentResult(mp4=mp4, timings=timings, num_frames=info.num_frames, decoder=info.decoder)
 
 

@@ -4,20 +4,25 @@
   (decoder, and encoder for audio and overlay pixels); wrapping the ObjectRef keeps Ray from
   resolving it into every call's arguments. Without Ray (local testing mode) it holds the bytes.
 - `PackedDetections`: masks bit-packed (8x smaller) for the tracker -> encoder stream.
+- `PulledChunk`: one chunk of frames the tracker asked the decoder for, with what it cost.
 - `SegmentResult`: the mp4 and the per-stage timings, what the graph returns.
 """
 
 from __future__ import annotations
 
+import os
+import tempfile
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 
 from serve_app.contract import JOB_TYPE, JobConfig
-from serve_app.types import Detections, StageTimings
+from serve_app.types import Detections, FrameChunk, StageTimings
 
 
 @dataclass
@@ -39,6 +44,29 @@ class VideoRef:
         import ray
 
         return ray.get(self.ref)
+
+
+@contextmanager
+def spooled(video: VideoRef | bytes) -> Iterator[str]:
+    """The video's bytes as a temporary file (decord and PyAV read paths best)."""
+    data = video.get() if isinstance(video, VideoRef) else video
+    fd, path = tempfile.mkstemp(suffix=".mp4")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        del data
+        yield path
+    finally:
+        os.unlink(path)
+
+
+@dataclass
+class PulledChunk:
+    chunk: FrameChunk
+    decode_ms: float = 0.0         # this call's decoding, frames skipped to reach the chunk included
+    decoded_at: float = 0.0        # time.time() when it was ready: how far decoding ran ahead
+    wasted_frames: int = 0         # frames decoded for this job and never used (see pull.py)
+    opened: bool = False           # the replica opened the video for this call
 
 
 @dataclass

@@ -12,7 +12,7 @@ the file is damaged, and that is an error, never a silently short answer.
 from __future__ import annotations
 
 import os
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -21,43 +21,76 @@ from serve_app.types import FrameChunk, VideoInfo
 
 
 def iter_chunks(
-    path: str | os.PathLike, info: VideoInfo, chunk_frames: int = 16
+    path: str | os.PathLike, info: VideoInfo, chunk_frames: int = 16, start: int = 0
 ) -> Iterator[FrameChunk]:
-    """Yields `FrameChunk`s of up to `chunk_frames` frames, exactly `info.num_frames` in all.
+    """Yields `FrameChunk`s of up to `chunk_frames` frames, from frame `start` to the last
+    (`info.num_frames` in all with `start=0`).
 
-    Raises UnsupportedMedia if the file decodes to fewer frames than the probe found.
+    Frames before `start` are decoded (the codec needs them) but never converted to RGB: a
+    decode from `start` costs less than a full one and gives exactly the frames a full decode
+    gives from that index. Raises UnsupportedMedia if the file decodes to fewer frames than
+    the probe found.
     """
-    if chunk_frames < 1:
-        raise ValueError(f"chunk_frames must be at least 1, got {chunk_frames}")
-    frames = _decord_frames(path, info) if info.decoder == "decord" else _pyav_frames(path, info)
-    width, height = info.display_size
-    buf = np.empty((chunk_frames, height, width, 3), np.uint8)
-    n = 0
-    start = 0
-    count = 0
-    for frame in frames:
-        if count >= info.num_frames:
-            break  # the probe's count is the contract; a stray extra frame is not shown
-        if frame.shape != (height, width, 3):
+    reader = ChunkReader(path, info, chunk_frames)
+    try:
+        reader.skip(start)
+        while (chunk := reader.read()) is not None:
+            yield chunk
+    finally:
+        reader.close()
+
+
+class ChunkReader:
+    """A video's presented frames read forward: `skip(n)` passes frames without converting
+    them, `read()` returns the next chunk (None after the last frame). `position` is the index
+    of the next frame."""
+
+    def __init__(self, path: str | os.PathLike, info: VideoInfo, chunk_frames: int = 16) -> None:
+        if chunk_frames < 1:
+            raise ValueError(f"chunk_frames must be at least 1, got {chunk_frames}")
+        self.info = info
+        self.chunk_frames = chunk_frames
+        self.position = 0
+        source = _decord_frames if info.decoder == "decord" else _pyav_frames
+        self._frames = source(path, info)  # (raw frame, its RGB conversion) pairs, lazily
+
+    def skip(self, n: int) -> None:
+        """Passes the next `n` frames (fewer at the end) without converting them."""
+        if n < 0:
+            raise ValueError(f"cannot skip {n} frames; a reader only moves forward")
+        for _ in range(min(n, self.info.num_frames - self.position)):
+            self._next()
+            self.position += 1
+
+    def read(self) -> FrameChunk | None:
+        width, height = self.info.display_size
+        n = min(self.chunk_frames, self.info.num_frames - self.position)
+        if n <= 0:
+            return None  # the probe's count is the contract; a stray extra frame is not shown
+        # A fresh buffer per chunk: the consumer may keep the chunk after the next is made.
+        buf = np.empty((n, height, width, 3), np.uint8)
+        for i in range(n):
+            raw, convert = self._next()
+            frame = convert(raw)
+            if frame.shape != (height, width, 3):
+                raise UnsupportedMedia(
+                    f"frame {self.position} decodes as {frame.shape[1]}x{frame.shape[0]}; "
+                    f"expected {width}x{height} (the picture size changes mid-stream)"
+                )
+            buf[i] = frame
+            self.position += 1
+        return FrameChunk(start=self.position - n, frames=buf)
+
+    def _next(self):
+        item = next(self._frames, None)
+        if item is None:
             raise UnsupportedMedia(
-                f"frame {count} decodes as {frame.shape[1]}x{frame.shape[0]}; "
-                f"expected {width}x{height} (the picture size changes mid-stream)"
+                f"video is truncated or damaged: {self.position} of {self.info.num_frames} frames decode"
             )
-        buf[n] = frame
-        n += 1
-        count += 1
-        if n == chunk_frames:
-            # A fresh buffer per chunk: the consumer may keep the chunk after the next is made.
-            yield FrameChunk(start=start, frames=buf)
-            buf = np.empty_like(buf)
-            start += n
-            n = 0
-    if n:
-        yield FrameChunk(start=start, frames=buf[:n])
-    if count < info.num_frames:
-        raise UnsupportedMedia(
-            f"video is truncated or damaged: {count} of {info.num_frames} frames decode"
-        )
+        return item
+
+    def close(self) -> None:
+        self._frames.close()  # closes the container (PyAV) or drops the reader (decord)
 
 
 def _to_display(coded: np.ndarray, rotation: int) -> np.ndarray:
@@ -67,7 +100,7 @@ def _to_display(coded: np.ndarray, rotation: int) -> np.ndarray:
     return np.rot90(coded, k=rotation // 90)
 
 
-def _pyav_frames(path, info: VideoInfo) -> Iterator[np.ndarray]:
+def _pyav_frames(path, info: VideoInfo) -> Iterator[tuple[Any, Callable[[Any], np.ndarray]]]:
     import av
 
     try:
@@ -78,14 +111,18 @@ def _pyav_frames(path, info: VideoInfo) -> Iterator[np.ndarray]:
         stream = container.streams.video[0]
         # Frame threading: the decoder uses the cores; memory stays a few frames per thread.
         stream.thread_type = "AUTO"
+
+        def convert(frame) -> np.ndarray:
+            return _to_display(frame.to_ndarray(format="rgb24"), info.rotation)
+
         try:
             for frame in container.decode(stream):
-                yield _to_display(frame.to_ndarray(format="rgb24"), info.rotation)
+                yield frame, convert
         except av.error.FFmpegError as exc:
             raise UnsupportedMedia(f"video stream is damaged: {exc}") from None
 
 
-def _decord_frames(path, info: VideoInfo) -> Iterator[np.ndarray]:
+def _decord_frames(path, info: VideoInfo) -> Iterator[tuple[Any, Callable[[Any], np.ndarray]]]:
     import decord
 
     try:
@@ -96,16 +133,23 @@ def _decord_frames(path, info: VideoInfo) -> Iterator[np.ndarray]:
     try:
         # next() keeps decord's sequential path: get_batch over index ranges measured slower
         # (87-116 vs 190 fps at 1080p) and bounds memory no better.
+        # Frames are skipped by reading them too: decord converts to RGB in its own thread in
+        # any case, and its skip_frames() seeks by key frame and lands on the wrong frame (5
+        # skipped on a variable-rate clip with B-frames gave frame 8). decord takes only small
+        # videos (probe.py), so a skip costs little.
         for _ in range(total):
-            frame = reader.next().asnumpy()
             # decord applies 180-degree rotation itself (quarter turns are routed to PyAV).
-            yield frame
+            yield reader.next(), _asnumpy
     except decord.DECORDError as exc:
         raise UnsupportedMedia(f"video stream is damaged: {_first_line(exc)}") from None
     except StopIteration:
         return
     finally:
         del reader
+
+
+def _asnumpy(frame) -> np.ndarray:
+    return frame.asnumpy()
 
 
 def _first_line(exc: BaseException) -> str:

@@ -111,3 +111,53 @@ def test_real_clip_frame_count(cockatoo):
     info = probe(cockatoo)
     n = sum(len(c) for c in iter_chunks(cockatoo, info, chunk_frames=64))
     assert n == 280
+
+
+# Decoding from a start index (the decoder's pull API reopens a video mid-way): the clips each
+# decoder is given in service. Edit lists and quarter turns go to PyAV only (probe.py).
+START_CLIPS = {
+    "plain": (dict(width=64, height=48, num_frames=30, options={"g": "8", "bf": "2"}), ["decord", "pyav"]),
+    "vfr": (dict(pts=VFR_MS, time_base=Fraction(1, 1000), options={"g": "4"}), ["decord", "pyav"]),
+    "edit_list": (dict(pts=[i - 5 for i in range(20)]), ["pyav"]),
+    "rotated_90": (dict(width=64, height=48, num_frames=12, rotation=90), ["pyav"]),
+    "rotated_180": (dict(width=64, height=48, num_frames=12, rotation=180), ["decord", "pyav"]),
+}
+
+
+@pytest.mark.parametrize("clip, decoder", [(c, d) for c, (_, ds) in START_CLIPS.items() for d in ds])
+def test_decoding_from_a_start_index_gives_the_full_decodes_frames_from_there(tmp_path, clip, decoder):
+    path = make_video(tmp_path / f"{clip}.mp4", **START_CLIPS[clip][0])
+    info = as_decoder(probe(path), decoder)
+    _, full = decode_all(path, info, chunk_frames=4)
+    n = info.num_frames
+    assert len(full) == n
+    for start in sorted({1, 3, 4, 5, n // 2, n - 1, n}):
+        chunks = list(iter_chunks(path, info, chunk_frames=4, start=start))
+        assert [c.start for c in chunks] == list(range(start, n, 4)), (start, [c.start for c in chunks])
+        got = np.concatenate([c.frames for c in chunks]) if chunks else full[:0]
+        assert np.array_equal(got, full[start:]), f"{clip}/{decoder} from frame {start}"
+
+
+def test_a_reader_skips_forward_only_and_reads_nothing_past_the_end(tmp_path):
+    from serve_app.video.decode import ChunkReader
+
+    path = make_video(tmp_path / "p.mp4", num_frames=10)
+    reader = ChunkReader(path, probe(path), chunk_frames=4)
+    try:
+        with pytest.raises(ValueError, match="only moves forward"):
+            reader.skip(-1)
+        reader.skip(7)
+        chunk = reader.read()
+        assert chunk.start == 7 and [frame_index_of(f) for f in chunk.frames] == [7, 8, 9]
+        assert reader.read() is None and reader.position == 10
+    finally:
+        reader.close()
+
+
+def test_a_truncated_file_fails_from_a_start_index_too(tmp_path):
+    path = make_video(tmp_path / "long.mp4", width=128, height=96, num_frames=60, faststart=True)
+    info = as_decoder(probe(path), "pyav")
+    cut = truncate(path, tmp_path / "cut.mp4", keep=0.5)
+    with pytest.raises(UnsupportedMedia, match="of 60 frames decode|damaged"):
+        for _ in iter_chunks(cut, info, start=40):
+            pass
