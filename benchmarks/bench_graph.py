@@ -28,23 +28,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import BENCH_DIR, Timing, table, timed  # noqa: E402
+from benchmarks.common import CLIP_FPS, shapes_clip, BENCH_DIR, Timing, table, timed  # noqa: E402
 from serve_app import synthetic  # noqa: E402
 from serve_app.contract import JobConfig  # noqa: E402
 
-FPS = 30
+FPS = CLIP_FPS
 PROMPTS = ("red", "blue", "green", "yellow")  # one per client: a mixed-up answer shows at once
 STAGES = ("probe", "decode", "track", "composite", "encode")
-
-
-def shapes_clip(width: int, height: int, seconds: int) -> Path:
-    path = BENCH_DIR / f"shapes_{height}p_{seconds}s.mp4"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp.mp4")
-        synthetic.write_clip(tmp, width, height, seconds * FPS, FPS)
-        tmp.replace(path)
-    return path
 
 
 def big_clip(target_bytes: int) -> Path:

@@ -18,24 +18,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import BENCH_DIR, children_cpu_s, peak_rss_of, require_ffmpeg, run_ffmpeg, table, timed  # noqa: E402
-from serve_app import synthetic  # noqa: E402
+from benchmarks.common import CLIP_FPS, shapes_clip, BENCH_DIR, children_cpu_s, peak_rss_of, require_ffmpeg, run_ffmpeg, table, timed  # noqa: E402
 from serve_app.contract import JobConfig  # noqa: E402
 from serve_app.pipeline import DEFAULT_PRESETS, run_local  # noqa: E402
 from serve_app.trackers.fake import ColorShapeTracker  # noqa: E402
 
 PRESET = DEFAULT_PRESETS["overlay"]
-FPS = 30
-
-
-def shapes_clip(width: int, height: int, seconds: int) -> Path:
-    path = BENCH_DIR / f"shapes_{height}p_{seconds}s.mp4"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp.mp4")
-        synthetic.write_clip(tmp, width, height, seconds * FPS, FPS)
-        tmp.replace(path)
-    return path
+FPS = CLIP_FPS
 
 
 RSS_CODE = """

@@ -69,6 +69,22 @@ def run_ffmpeg(*args: str) -> None:
     subprocess.run([ffmpeg_path(), "-hide_banner", "-loglevel", "error", "-nostdin", "-y", *args], check=True)
 
 
+CLIP_FPS = 30
+
+
+def shapes_clip(width: int, height: int, seconds: int) -> Path:
+    """The synthetic shapes clip at this size and length, made once into BENCH_DIR."""
+    from serve_app import synthetic
+
+    path = BENCH_DIR / f"shapes_{height}p_{seconds}s.mp4"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp.mp4")
+        synthetic.write_clip(tmp, width, height, seconds * CLIP_FPS, CLIP_FPS)
+        tmp.replace(path)
+    return path
+
+
 def children_cpu_s() -> float:
     """CPU seconds (user + system) of every finished child process so far, e.g. ffmpeg runs."""
     import resource

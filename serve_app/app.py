@@ -78,8 +78,6 @@ class AppArgs(BaseModel):
 
 
 def build_app(args: dict[str, Any] | AppArgs | None = None):
-    from ray import serve
-
     from serve_app.deployments import Decoder, Encoder, Ingress, Tracker
     from serve_app.pull import RemoteDecoder
 
