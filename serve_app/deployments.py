@@ -155,11 +155,10 @@ class Ingress:
         with self.job_slot():
             if isinstance(video, ray.ObjectRef):
                 data, ref = await video, VideoRef(ref=video)  # the stages read the caller's object
-                check_size(len(data), self.limits.max_bytes)
             else:
-                data = bytes(video)
-                check_size(len(data), self.limits.max_bytes)
-                ref = VideoRef.put(data)
+                data, ref = bytes(video), None
+            check_size(len(data), self.limits.max_bytes)
+            ref = ref or VideoRef.put(data)  # put only once the size is known to be acceptable
             fd, path = tempfile.mkstemp(suffix=".mp4")
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
