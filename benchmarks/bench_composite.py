@@ -17,8 +17,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import table  # noqa: E402
-from serve_app.composite import render_mask, render_overlay  # noqa: E402
-from tests.unit.test_composite import blobs  # noqa: E402
+from serve_app.video.composite import render_mask, render_overlay  # noqa: E402
+from benchmarks.common import blobs  # noqa: E402
 
 
 def per_frame_ms(fn, repeats: int) -> tuple[float, float]:

@@ -12,7 +12,7 @@
   is uploaded and segmented, and while a 600 MB chunked upload is refused at the 100 MB limit.
 - flow: decoded frames in flight between decoder and tracker vs the video's length, with a
   tracker slowed to 10 ms a frame (the scripted test double): the most chunks decoded and not
-  yet taken by the tracker (serve_app/pull.py measures it per job), and those chunks in MB.
+  yet taken by the tracker (serve_app/graph/pull.py measures it per job), and those chunks in MB.
 """
 
 from __future__ import annotations
@@ -89,12 +89,10 @@ def mask_iou(got: list, colour: str, width: int, height: int) -> float:
 
 
 def start_graph(port: int):
-    from serve_app import remote
-    from serve_app.trackers import FAKE_TRACKER
+    from serve_app import client
 
     t = time.perf_counter()
-    remote.start_graph({"tracker": FAKE_TRACKER, "tracker_num_gpus": 0, "graceful_shutdown_timeout_s": 0.5},
-                       http=("127.0.0.1", port))
+    client.start_graph({"tracker": "fake", "graceful_shutdown_timeout_s": 0.5}, http=("127.0.0.1", port))
     return time.perf_counter() - t
 
 
@@ -186,22 +184,21 @@ def flow(seconds_list: tuple[int, ...]) -> None:
     from serve_app.app import APP_NAME, AppArgs, build_app
 
     serve.delete(APP_NAME)  # the local cluster has CPUs for one app (run last for this reason)
-    args = AppArgs(tracker="tests.doubles:ScriptedTracker", tracker_num_gpus=0,
-                   tracker_options={"delay_s": 0.01}, graceful_shutdown_timeout_s=0.5)
+    args = AppArgs(tracker={"kind": "fake", "frame_delay_s": 0.01}, graceful_shutdown_timeout_s=0.5)
     handle = serve.run(build_app(args), name="flow", route_prefix=None)
     width, height = 640, 360
     rows = []
     for seconds in seconds_list:
         clip = shapes_clip(width, height, seconds).read_bytes()
         t = time.perf_counter()
-        result = handle.segment_result.remote(clip, {"prompt": "slow red"}).result()
+        result = handle.segment_result.remote(clip, {"prompt": "red"}).result()
         wall = time.perf_counter() - t
-        x, frames = result.timings.extra, result.num_frames
-        lead = int(x["decode_lead_chunks"])
+        x, frames = result.timings, result.num_frames
+        lead = x.decode_lead_chunks
         rows.append({"frames": frames, "chunks": -(-frames // args.chunk_frames), "lead_chunks": lead,
                      "in_flight_mb": lead * args.chunk_frames * width * height * 3 / 2**20,
-                     "all_frames_mb": frames * width * height * 3 / 2**20, "decode_opens": int(x["decode_opens"]),
-                     "wasted_frames": int(x["decode_wasted_frames"]), "seconds": wall})
+                     "all_frames_mb": frames * width * height * 3 / 2**20, "decode_opens": x.decode_opens,
+                     "wasted_frames": x.decode_wasted_frames, "seconds": wall})
     serve.delete("flow")
     print(f"\ndecoded frames in flight vs length, {width}x{height}, tracker at 10 ms/frame, chunk_frames="
           f"{args.chunk_frames}, decode_ahead_chunks={args.decode_ahead_chunks} (bound: ahead + 1 chunks)")

@@ -40,7 +40,7 @@ import numpy as np  # noqa: E402
 from benchmarks.common import BENCH_DIR, table  # noqa: E402
 from serve_app import synthetic  # noqa: E402
 from serve_app.contract import JobConfig  # noqa: E402
-from serve_app.types import FrameChunk, VideoInfo  # noqa: E402
+from serve_app.media import FrameChunk, VideoInfo  # noqa: E402
 
 SIZES = [(832, 480), (1280, 720), (1920, 1080)]
 FORCE_OBJECTS = {"score_threshold_detection": 0.0, "new_det_thresh": 0.0, "det_nms_thresh": 0.0}
@@ -84,12 +84,13 @@ def run(tracker, width: int, height: int, n: int, objects: int) -> dict:
 
 
 def build(device: str, compile: bool, warm_sizes, random_weights: bool, objects: int):
-    from serve_app.trackers.sam3 import Sam3Tracker
+    from serve_app.trackers.sam3.config import Sam3Config
+    from benchmarks.instrumented import InstrumentedSam3Tracker
 
     start = time.perf_counter()
-    tracker = Sam3Tracker(device=device, compile=compile, warm_sizes=warm_sizes, warm_up=compile,
-                          random_weights=random_weights, measure=True,
-                          model_overrides={**FORCE_OBJECTS, "max_num_objects": objects})
+    config = Sam3Config(device=device, compile=compile, warm_sizes=warm_sizes, warm_up=compile,
+                        model_overrides={**FORCE_OBJECTS, "max_num_objects": objects})
+    tracker = InstrumentedSam3Tracker(config, random_weights=random_weights)
     return tracker, time.perf_counter() - start
 
 

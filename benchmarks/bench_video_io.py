@@ -25,7 +25,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import BENCH_DIR, peak_rss_of, require_ffmpeg, run_ffmpeg, table, timed  # noqa: E402
-from serve_app.video import Mp4Writer, iter_chunks, probe  # noqa: E402
+from serve_app.video.decode import iter_chunks  # noqa: E402
+from serve_app.video.encode import Mp4Writer  # noqa: E402
+from serve_app.video.probe import probe  # noqa: E402
 
 PRESET = "veryfast"
 
@@ -110,8 +112,9 @@ def bench_encode(clip: Path, has_ffmpeg: bool, repeats: int, tmp: Path) -> list[
 
 
 RSS_CODE = """
-from serve_app.types import Limits
-from serve_app.video import iter_chunks, probe
+from serve_app.contract import Limits
+from serve_app.video.decode import iter_chunks
+from serve_app.video.probe import probe
 import time
 # The noisy 60 s clip is over the 100 MB upload limit; memory, not the limit, is measured here.
 info = probe({path!r}, Limits(max_bytes=1 << 40))

@@ -1,4 +1,5 @@
-"""Helpers shared by the benchmark scripts: timing, percentiles, peak RSS, the ffmpeg baseline."""
+"""Helpers shared by the benchmark scripts (and the tests that reuse them): timing, percentiles,
+peak RSS, the ffmpeg baseline, synthetic detections."""
 
 from __future__ import annotations
 
@@ -122,3 +123,28 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.2f}" if abs(v) < 100 else f"{v:.0f}"
     return str(v)
+
+
+def blobs(height: int, width: int, n: int, seed: int = 0, ids=None) -> "Detections":
+    """Detections of n overlapping elliptical objects, boxes derived from their masks as SAM 3
+    derives them, random scores: compositing input without a tracker."""
+    from serve_app.media import Detections
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:height, :width]
+    masks, boxes = [], []
+    for _ in range(n):
+        cy, cx = rng.uniform(0.2, 0.8) * height, rng.uniform(0.2, 0.8) * width
+        ry, rx = rng.uniform(0.08, 0.3) * height, rng.uniform(0.08, 0.3) * width
+        m = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
+        r, c = np.nonzero(m)
+        boxes.append([c.min() / width, r.min() / height, (c.max() - c.min()) / width, (r.max() - r.min()) / height])
+        masks.append(m)
+    ids = np.arange(n, dtype=np.int64) if ids is None else np.asarray(ids, np.int64)
+    return Detections(
+        frame_index=0,
+        obj_ids=ids,
+        scores=rng.uniform(0.3, 1.0, n).astype(np.float32),
+        boxes_xywh=np.asarray(boxes, np.float32),
+        masks=np.stack(masks),
+    )

@@ -6,6 +6,8 @@
     sam3-video serve [--address auto] [--port 8000]        # HTTP service on a local/joined Ray
     sam3-video synth clip.mp4                              # a synthetic clip, for dry runs
     sam3-video check-config serve_config.yaml cluster.yaml # the deploy files, offline
+
+Every failure ends in one line, `error: ...`, and exit status 2.
 """
 
 from __future__ import annotations
@@ -16,73 +18,54 @@ import os
 import sys
 from typing import Any
 
+from pydantic import ValidationError
+
 from serve_app.contract import JobConfig, parse_config
 from serve_app.errors import ServiceError
-from serve_app.trackers import FAKE_TRACKER, SAM3_TRACKER
-
-TRACKER_ALIASES = {"sam3": SAM3_TRACKER, "fake": FAKE_TRACKER}
 
 
-def _tracker_options(pairs: list[str]) -> dict[str, Any]:
-    options: dict[str, Any] = {}
+class Refused(Exception):
+    """A command line this program cannot act on; main prints it as one line."""
+
+
+def _pairs(pairs: list[str], flag: str) -> dict[str, Any]:
+    """KEY=VALUE pairs, values read as JSON where they parse (else as strings)."""
+    out: dict[str, Any] = {}
     for pair in pairs:
         key, sep, raw = pair.partition("=")
-        if not sep:
-            raise SystemExit(f"error: --tracker-option {pair!r} must be key=value")
+        if not sep or not key:
+            raise Refused(f"{flag} {pair!r} must be KEY=VALUE")
         try:
-            options[key] = json.loads(raw)
+            out[key] = json.loads(raw)
         except json.JSONDecodeError:
-            options[key] = raw
-    return options
+            out[key] = raw
+    return out
+
+
+def _tracker(args: argparse.Namespace):
+    from serve_app.trackers import KINDS, tracker_config
+
+    try:
+        return tracker_config(args.tracker, **_pairs(args.tracker_option, "--tracker-option"))
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'] if p not in KINDS) or 'kind'}: {e['msg']}"
+                             for e in exc.errors())
+        raise Refused(f"--tracker {args.tracker}: {problems}") from None
 
 
 def _config(args: argparse.Namespace) -> JobConfig:
-    return parse_config(
-        {
-            "prompt": args.prompt,
-            "mode": args.mode,
-            "alpha": args.alpha,
-            "confidence_threshold": args.confidence_threshold,
-        }
-    )
+    return parse_config({"prompt": args.prompt, "mode": args.mode, "alpha": args.alpha,
+                         "confidence_threshold": args.confidence_threshold})
 
 
-def _segment_local(args: argparse.Namespace, config: JobConfig) -> None:
-    from tqdm import tqdm
-
-    from serve_app.pipeline import run_local
-    from serve_app.trackers import load_tracker
-
-    options = _tracker_options(args.tracker_option)
-    tracker = load_tracker(TRACKER_ALIASES.get(args.tracker, args.tracker), **options)
-    with tqdm(unit="frame", desc="segment", disable=args.quiet) as bar:
-
-        def progress(done: int, total: int) -> None:
-            bar.total = total
-            bar.update(done - bar.n)
-
-        timings = run_local(args.input, args.output, config, tracker, progress=progress)
-    if not args.quiet:
-        print(
-            f"wrote {args.output}: probe {timings.probe_ms:.0f} ms, decode {timings.decode_ms:.0f} ms, "
-            f"track {timings.track_ms:.0f} ms, composite {timings.composite_ms:.0f} ms, "
-            f"encode {timings.encode_ms:.0f} ms, total {timings.total_ms:.0f} ms",
-            file=sys.stderr,
-        )
-
-
-def _app_args(args: argparse.Namespace) -> dict[str, Any]:
-    tracker = TRACKER_ALIASES.get(args.tracker, args.tracker)
-    app: dict[str, Any] = {"tracker": tracker, "tracker_options": _tracker_options(args.tracker_option)}
-    if tracker != SAM3_TRACKER or not _has_cuda():
-        app["tracker_num_gpus"] = 0
-    for pair in getattr(args, "arg", []):
-        key, _, raw = pair.partition("=")
-        try:
-            app[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            app[key] = raw
-    return app
+def _app_args(args: argparse.Namespace, joining: bool) -> dict[str, Any]:
+    tracker = _tracker(args)
+    if not joining:
+        tracker.preflight()  # the replicas start on this machine: fail here, in one line
+    app: dict[str, Any] = {"tracker": tracker.model_dump()}
+    if not joining and tracker.num_gpus and not _has_cuda():
+        app["tracker_num_gpus"] = 0  # the tracker runs on this machine's CPU
+    return app | _pairs(getattr(args, "arg", []), "--arg")
 
 
 def _has_cuda() -> bool:
@@ -94,26 +77,49 @@ def _has_cuda() -> bool:
         return False
 
 
-def _segment_remote(args: argparse.Namespace, config: JobConfig) -> None:
+def _segment(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
-    from serve_app import remote
+    config = _config(args)
+    if args.local:
+        from serve_app.pipeline import run_local
+
+        tracker = _tracker(args)
+        tracker.preflight()
+        with tqdm(unit="frame", desc="segment", disable=args.quiet) as bar:
+
+            def progress(done: int, total: int) -> None:
+                bar.total = total
+                bar.update(done - bar.n)
+
+            timings = run_local(args.input, args.output, config, tracker.build(), progress=progress)
+        return _done(args, _summary(timings))
+    from serve_app import client
 
     with open(args.input, "rb") as f:
         video = f.read()
-    where = args.url or "embedded Ray"
-    with tqdm(total=1, desc=f"segment via {where}", unit="job", disable=args.quiet) as bar:
+    app_args = None if args.url else _app_args(args, joining=False)
+    with tqdm(total=1, desc=f"segment via {args.url or 'embedded Ray'}", unit="job", disable=args.quiet) as bar:
         if args.url:
-            mp4, headers = remote.segment_via_url(args.url, video, config, token=os.environ.get("SAM3_VIDEO_TOKEN"))
+            mp4, headers = client.segment_via_url(args.url, video, config, token=os.environ.get("SAM3_VIDEO_TOKEN"))
             summary = ", ".join(f"{k[2:-3]} {v} ms" for k, v in headers.items() if k.lower().endswith("-ms"))
         else:
-            result = remote.segment_via_graph(remote.start_graph(_app_args(args)), video, config)
-            mp4, t = result.mp4, result.timings
-            summary = (f"probe {t.probe_ms:.0f} ms, decode {t.decode_ms:.0f} ms, track {t.track_ms:.0f} ms, "
-                       f"encode {t.encode_ms:.0f} ms, total {t.total_ms:.0f} ms")
+            handle = client.start_graph(app_args)
+            result = handle.segment_result.remote(video, config).result()
+            mp4, summary = result.mp4, _summary(result.timings)
         bar.update(1)
     with open(args.output, "wb") as f:
         f.write(mp4)
+    _done(args, summary)
+
+
+def _summary(timings) -> str:
+    from serve_app.pipeline import STAGES
+
+    return ", ".join(f"{s} {getattr(timings, s + '_ms'):.0f} ms" for s in STAGES)
+
+
+def _done(args: argparse.Namespace, summary: str) -> None:
     if not args.quiet:
         print(f"wrote {args.output}: {summary}", file=sys.stderr)
 
@@ -121,9 +127,9 @@ def _segment_remote(args: argparse.Namespace, config: JobConfig) -> None:
 def _serve(args: argparse.Namespace) -> None:
     import time
 
-    from serve_app import remote
+    from serve_app import client
 
-    remote.start_graph(_app_args(args), address=args.address, http=(args.host, args.port))
+    client.start_graph(_app_args(args, joining=bool(args.address)), address=args.address, http=(args.host, args.port))
     print(f"serving POST http://{args.host}:{args.port}/v2/job (Ctrl-C stops)", file=sys.stderr)
     try:
         while True:
@@ -135,11 +141,10 @@ def _serve(args: argparse.Namespace) -> None:
 
 
 def _synth(args: argparse.Namespace) -> None:
-    from serve_app.synthetic import write_demo_clip
+    from serve_app.synthetic import write_clip
 
-    write_demo_clip(args.output, width=args.width, height=args.height, num_frames=args.frames, fps=args.fps)
-    if not args.quiet:
-        print(f"wrote {args.output}", file=sys.stderr)
+    write_clip(args.output, width=args.width, height=args.height, num_frames=args.frames, fps=args.fps)
+    _done(args, f"{args.width}x{args.height}, {args.frames} frames at {args.fps} fps")
 
 
 def _check_config(args: argparse.Namespace) -> int:
@@ -157,6 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sam3-video", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
+    def tracker_flags(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--tracker", default="sam3",
+                       help="'sam3' (default), 'fake' (the stand-in test double), or an import path module:Name")
+        p.add_argument("--tracker-option", action="append", default=[], metavar="KEY=VALUE",
+                       help="a field of the tracker's config (JSON values; for module:Name, its constructor's), repeatable")
+
     seg = sub.add_parser("segment", help="segment the objects a text prompt names in an mp4")
     seg.add_argument("input", help="input mp4")
     seg.add_argument("-o", "--output", required=True, help="output mp4")
@@ -164,13 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--mode", choices=["mask", "overlay"], default="mask")
     seg.add_argument("--alpha", type=float, default=0.5, help="mask opacity in overlay mode")
     seg.add_argument("--confidence-threshold", type=float, default=0.5)
-    seg.add_argument(
-        "--tracker",
-        default="sam3",
-        help="'sam3' (default), 'fake' (the stand-in test double), or an import path module:Name",
-    )
-    seg.add_argument("--tracker-option", action="append", default=[], metavar="KEY=VALUE",
-                     help="keyword option for the tracker's constructor (JSON values), repeatable")
+    tracker_flags(seg)
     where = seg.add_mutually_exclusive_group()
     where.add_argument("--local", action="store_true", help="run every stage in this process (no Ray)")
     where.add_argument("--url", help="a running service, e.g. http://127.0.0.1:8000 (token: SAM3_VIDEO_TOKEN)")
@@ -180,8 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--address", help="join this Ray cluster (e.g. auto); default: start one here")
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8000)
-    srv.add_argument("--tracker", default="sam3", help="as for segment")
-    srv.add_argument("--tracker-option", action="append", default=[], metavar="KEY=VALUE")
+    tracker_flags(srv)
     srv.add_argument("--arg", action="append", default=[], metavar="KEY=VALUE",
                      help="an AppArgs field (serve_app/app.py), e.g. tracker_max_replicas=2; repeatable")
 
@@ -201,23 +205,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    commands = {"segment": _segment, "serve": _serve, "synth": _synth, "check-config": _check_config}
     try:
-        if args.command == "segment":
-            config = _config(args)
-            if args.local:
-                _segment_local(args, config)
-            else:
-                _segment_remote(args, config)
-        elif args.command == "serve":
-            _serve(args)
-        elif args.command == "synth":
-            _synth(args)
-        elif args.command == "check-config":
-            return _check_config(args)
-    except ServiceError as exc:
+        return commands[args.command](args) or 0
+    except (ServiceError, Refused) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    except ValidationError as exc:  # an --arg that AppArgs refuses
+        print("error: " + "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()), file=sys.stderr)
+    except OSError as exc:  # an input that cannot be read, an output that cannot be written
+        print(f"error: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""The API contract: one job model shared by HTTP, Ray handles, the CLI and the tests."""
+"""The API contract: one job model shared by HTTP, Ray handles, the CLI and the tests, and the
+limits on what the service accepts."""
 
 from __future__ import annotations
 
@@ -8,7 +9,33 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from serve_app.errors import InvalidJob, UnknownJobType
 
+MB = 1 << 20  # the limits are binary megabytes: the 100 MB default is 100 * 2**20 bytes
+
 JOB_TYPE = "inference.sam3.segment.video.v1"
+
+
+class Limits(BaseModel):
+    """Caps on what the service accepts. Checked before any frame is decoded."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_bytes: int = Field(100 * MB, gt=0, description="Upload size (100 MB).")
+    # 4K UHD either way round; 8K is refused (a single 8K frame is 100 MB of RGB).
+    max_long_side: int = Field(3840, gt=0, description="Longest side of the picture, pixels.")
+    max_short_side: int = Field(2160, gt=0, description="Shortest side of the picture, pixels.")
+    # 10 minutes at 30 fps. Memory stays flat in length; this bounds one request's GPU time.
+    max_frames: int = Field(18_000, gt=0, description="Presented frames.")
+    max_fps: float = Field(240.0, gt=0, description="Average frames per second.")
+
+
+def size(n: int) -> str:
+    """Bytes as the limits are written: 100 MB is 100 * 2**20 bytes."""
+    if n < 1024:
+        return f"{n} bytes"
+    if n < MB:
+        return f"{n / 1024:.0f} KB"
+    return f"{n / MB:.1f}".removesuffix(".0") + " MB"
+
 
 Mode = Literal["mask", "overlay"]
 

@@ -81,6 +81,11 @@ def _walk(tp: Any, value: Any, file: str, path: str) -> list[Problem]:
     if origin is typing.Annotated:
         return _walk(args[0], value, file, path)
     if origin in (typing.Union, types.UnionType):
+        # A tagged union (the tracker's `kind`): judge a mapping by the member its tag names.
+        tagged = [m for m in args if _is_model(m) and "kind" in m.model_fields]
+        if isinstance(value, dict) and tagged:
+            chosen = [m for m in tagged if m.model_fields["kind"].default == value.get("kind")]
+            return unknown_keys(chosen[0], value, file, path) if chosen else []
         # `Union[Dict, AutoscalingConfig]` keeps a dict as a dict, and Serve builds the model
         # from it only at deploy time: judge a mapping by the model member when there is one.
         for member in sorted(args, key=lambda a: not _is_model(a)):
@@ -232,8 +237,8 @@ def check_cluster_config(data: Any, file: str) -> tuple[list[Problem], dict | No
 
 
 def _check_proxy_callback(data: dict, file: str) -> list[Problem]:
-    """Every `ray start` must load serve_app.proxy's body cap into the node's HTTP proxy."""
-    from serve_app.proxy import CALLBACK, CALLBACK_ENV
+    """Every `ray start` must load serve_app.api.proxy's body cap into the node's HTTP proxy."""
+    from serve_app.api.proxy import CALLBACK, CALLBACK_ENV
 
     problems = []
     for key in ("head_start_ray_commands", "worker_start_ray_commands"):

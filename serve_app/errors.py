@@ -1,4 +1,5 @@
-"""The service's error hierarchy and its one mapping to HTTP statuses.
+"""The service's error hierarchy, its one mapping to HTTP statuses, and the stable `code` each
+error carries on the wire so that clients can rebuild its type.
 
 Every error crosses Ray process boundaries, so each keeps all of its constructor arguments in
 `args` (the default exception pickling calls `cls(*args)`).
@@ -19,9 +20,12 @@ class ServiceError(Exception):
     def message(self) -> str:
         return str(self.args[0])
 
+    def __str__(self) -> str:
+        return self.message
+
 
 class InvalidJob(ServiceError):
-    """The job JSON or its config breaks the contract."""
+    """The job JSON or its config breaks the contract, or the request is malformed."""
 
     code = "invalid_job"
 
@@ -52,6 +56,20 @@ class Unauthorized(ServiceError):
     code = "unauthorized"
 
 
+class NotFound(ServiceError):
+    code = "not_found"
+
+
+class MethodNotAllowed(ServiceError):
+    code = "method_not_allowed"
+
+
+class ClientGone(ServiceError):
+    """The client closed the connection before its answer: logged and counted as 499, its doing."""
+
+    code = "client_closed_request"
+
+
 class Overloaded(ServiceError):
     """The queue is full; try again after `retry_after_s` seconds."""
 
@@ -78,18 +96,18 @@ class ModelUnavailable(ServiceError):
 
 
 # The one table from error type to HTTP status. Most specific class first; anything not listed
-# (and any non-ServiceError) is a 500 with the request id logged.
-#
-# Invalid config is 400, not 422: the official client of the API we follow treats 400/401/403
-# as final user errors and retries every other failure once, so a 422 would send the same bad
-# request twice.
+# (and any non-ServiceError) is a 500 with the request id logged. Invalid config is 400, not
+# 422: the official client resends a 422 (docs/design.md, Errors on the wire).
 HTTP_STATUS: tuple[tuple[type[ServiceError], int], ...] = (
     (InvalidJob, 400),
     (Unauthorized, 401),
+    (NotFound, 404),
+    (MethodNotAllowed, 405),
     (UploadTooLarge, 413),
     (VideoLimitExceeded, 413),
     (UnsupportedMedia, 415),
     (Overloaded, 429),
+    (ClientGone, 499),
     (ModelUnavailable, 503),
     (ModelError, 500),
 )
@@ -100,3 +118,15 @@ def http_status(exc: BaseException) -> int:
         if isinstance(exc, cls):
             return status
     return 500
+
+
+def _all(cls: type[ServiceError]) -> list[type[ServiceError]]:
+    return [cls, *(sub for child in cls.__subclasses__() for sub in _all(child))]
+
+
+def error_from_code(code: str | None, message: str, retry_after_s: int = 5) -> ServiceError:
+    """The error a `code` from the wire names, rebuilt around `message` (a ServiceError for a
+    code this version does not know)."""
+    cls = next((c for c in _all(ServiceError) if c.code == code), ServiceError)
+    return cls(message, retry_after_s) if cls is Overloaded else cls(message)
+

@@ -1,7 +1,19 @@
-"""The whole job in one process: probe -> decode -> track -> composite -> encode.
+"""One job, written once: frames -> track -> threshold -> composite -> encode.
 
-The Ray graph runs the same stages in separate deployments; `composite_and_encode` is the
-piece both share, so the local path and the served path cannot drift apart.
+The same three pieces run a job in one process (`run_local`: the CLI's --local, tests,
+benchmarks) and across the Ray graph (serve_app/graph), where each lives in its own replica:
+
+    FrameSource ──chunks──► track() ──TrackedBatch──► write() ──► mp4
+    (decoded frames)        (the tracker, the          (composite, encode)
+                             confidence threshold)
+
+- A `FrameSource` yields a video's FrameChunks in order and keeps `timings` of what decoding
+  them cost. In one process it is `LocalFrames` (a decode thread); in the graph the tracker
+  replica's source pulls chunks from the Decoder deployment (graph/pull.py).
+- `track()` runs a tracker over a FrameSource wherever the model lives and yields
+  `TrackedBatch`es: consecutive frames' kept detections and the stage timings so far.
+- `write()` composites each frame's kept detections and encodes the mp4. Overlays take the
+  input's pixels from a `FrameBuffer`.
 """
 
 from __future__ import annotations
@@ -10,149 +22,223 @@ import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field, replace
+from typing import Protocol
 
 import numpy as np
 
-from serve_app.contract import JobConfig
+from serve_app.contract import JobConfig, Limits
 from serve_app.errors import ModelError
+from serve_app.media import Detections, FrameChunk, VideoInfo
 from serve_app.trackers import Tracker
-from serve_app.types import Detections, FrameChunk, Limits, StageTimings, VideoInfo
 
 Progress = Callable[[int, int], None]  # (frames written, frames in all)
 
-# libx264 preset per mode. A black-and-white mask is trivial to compress: ultrafast halves its
-# encode time (0.79 vs 1.63 s of CPU for 300 masks at 720p, measured) for a file 1.8x larger
-# (38 vs 21 KB per second) that still thresholds back at 128 without a wrong pixel. Overlay
-# pictures are real footage, where the slower preset's quality per byte is worth it.
+# libx264 preset per mode (docs/design.md: a mask compresses trivially at ultrafast).
 DEFAULT_PRESETS = {"mask": "ultrafast", "overlay": "veryfast"}
+STAGES = ("probe", "decode", "track", "composite", "encode", "total")
+
+
+@dataclass
+class StageTimings:
+    """Milliseconds each stage of one job spent working (not waiting), and how its frames were
+    pulled. Reported as x-<stage>-ms headers, metrics and the job's log line."""
+
+    probe_ms: float = 0.0
+    decode_ms: float = 0.0
+    track_ms: float = 0.0
+    composite_ms: float = 0.0
+    encode_ms: float = 0.0
+    total_ms: float = 0.0
+    decode_opens: int = 0           # times a decoder opened the video for this job (1 at best)
+    decode_wasted_frames: int = 0   # frames decoded for this job and never used
+    decode_lead_chunks: int = 0     # most chunks decoded ahead of the tracker at one time
+
+
+class FrameSource(Protocol):
+    """A video's decoded frames, in order, and what decoding them has cost so far."""
+
+    timings: StageTimings
+
+    def __iter__(self) -> Iterator[FrameChunk]: ...
+
+
+class LocalFrames:
+    """Decodes in a thread of this process, up to `ahead` chunks before they are taken."""
+
+    def __init__(self, path: str | os.PathLike, info: VideoInfo, chunk_frames: int = 16, ahead: int = 2) -> None:
+        from serve_app.video.decode import iter_chunks
+        from serve_app.video.threads import ReadAhead
+
+        self._read = ReadAhead(iter_chunks(path, info, chunk_frames), depth=ahead, name="decode")
+
+    @property
+    def timings(self) -> StageTimings:
+        return StageTimings(decode_ms=self._read.busy_s * 1e3)
+
+    def __iter__(self) -> Iterator[FrameChunk]:
+        return iter(self._read)
+
+    def close(self) -> None:
+        self._read.close()
 
 
 class FrameBuffer:
-    """Passes decoded chunks to the tracker and keeps them until their detections come back.
+    """The input's pixels for overlays, by frame index, read forward.
 
-    The tracker may lag behind its input (SAM 3 holds outputs back `hotstart_delay` frames), so
-    a frame is released only when the compositor has taken it; memory is bounded by that lag.
-    With `keep=False` (mask mode) nothing is kept: the mask needs no pixels.
-    `wait_s` is the time the tracker spent waiting for the next chunk.
+    In one process the tracker reads its chunks through the buffer, so each decoded frame
+    serves both; in the graph nothing else reads them and `frame(i)` reads on. A chunk is
+    released once the compositor has passed it: memory follows the tracker's lag behind its
+    input, not the video's length.
     """
 
-    def __init__(self, chunks: Iterable[FrameChunk], keep: bool) -> None:
-        self._chunks = iter(chunks)
-        self._keep = keep
+    def __init__(self, source: Iterable[FrameChunk]) -> None:
+        self._chunks = iter(source)
+        self._source = source
         self._held: deque[FrameChunk] = deque()
-        self.wait_s = 0.0
+
+    @property
+    def timings(self) -> StageTimings:
+        return self._source.timings
 
     def __iter__(self) -> Iterator[FrameChunk]:
-        while True:
-            t = time.perf_counter()
-            chunk = next(self._chunks, None)
-            self.wait_s += time.perf_counter() - t
-            if chunk is None:
-                return
-            if self._keep:
-                self._held.append(chunk)
+        for chunk in self._chunks:
+            self._held.append(chunk)
             yield chunk
 
-    def frame(self, index: int) -> np.ndarray | None:
-        if not self._keep:
-            return None
+    def frame(self, index: int) -> np.ndarray:
         while self._held and self._held[0].start + len(self._held[0]) <= index:
             self._held.popleft()
-        if not self._held or self._held[0].start > index:
-            raise ModelError(f"frame {index} was asked for after it was released")
+        while not self._held or self._held[-1].start + len(self._held[-1]) <= index:
+            chunk = next(self._chunks, None)
+            if chunk is None:
+                raise ModelError(f"frame {index} was asked for past the video's end")
+            self._held.append(chunk)
         head = self._held[0]
+        if head.start > index:
+            raise ModelError(f"frame {index} was asked for after it was released")
         return head.frames[index - head.start]
 
 
-def composite_and_encode(
-    detections: Iterable[Detections],
-    frame_at: Callable[[int], np.ndarray | None],
-    info: VideoInfo,
-    config: JobConfig,
-    src_path: str | os.PathLike,
-    dst_path: str | os.PathLike,
-    progress: Progress | None = None,
-    timings: StageTimings | None = None,
-    preset: str | None = None,
-) -> StageTimings:
-    """Render each frame's kept objects and write the mp4 (audio taken from `src_path`).
+@dataclass
+class TrackedBatch:
+    """Consecutive frames' detections, the job's threshold applied, and the tracker stage's
+    timings so far (decode and track). What the tracker replica streams to the encoder."""
 
-    `detections` must hold exactly one entry per frame, in order; `frame_at(i)` gives frame i
-    (RGB, display orientation) in overlay mode and may return None in mask mode. Time spent
-    waiting on `detections` is counted as tracking. `preset`: libx264's, default by mode.
-    """
-    from serve_app.composite import Compositor
-    from serve_app.overlap import WriteBehind
+    detections: list[Detections]
+    timings: StageTimings = field(default_factory=StageTimings)
+
+
+def track(tracker: Tracker, frames: FrameSource, info: VideoInfo, config: JobConfig, *,
+          batch_frames: int = 16, batch_s: float = 0.5) -> Iterator[TrackedBatch]:
+    """Run `tracker` over `frames`; batches of up to `batch_frames` frames, or what `batch_s`
+    seconds produced. The last batch comes after the input was read to its end, so its timings
+    are final. Closing the generator closes the tracker's (a SAM 3 session is freed)."""
+    waited = 0.0
+    chunks = iter(frames)
+
+    def feed() -> Iterator[FrameChunk]:
+        nonlocal waited
+        while True:
+            t = time.perf_counter()
+            chunk = next(chunks, None)
+            waited += time.perf_counter() - t
+            if chunk is None:
+                return
+            yield chunk
+
+    source = feed()
+    detections = iter(tracker.track(source, info, config))
+    busy = 0.0
+    batch: list[Detections] = []
+    flushed = time.perf_counter()
+
+    def done() -> TrackedBatch:
+        nonlocal batch, flushed
+        out = TrackedBatch(batch, replace(frames.timings, track_ms=busy * 1e3))
+        batch, flushed = [], time.perf_counter()
+        return out
+
+    try:
+        while True:
+            t, w = time.perf_counter(), waited
+            dets = next(detections, None)
+            busy += time.perf_counter() - t - (waited - w)  # the tracker's own time, not its waits for frames
+            if dets is None:
+                break
+            batch.append(dets.keep(config.confidence_threshold))
+            if len(batch) >= batch_frames or time.perf_counter() - flushed >= batch_s:
+                yield done()
+        for extra in source:  # the tracker asks for no frame past the last; let the source end
+            if len(extra):
+                raise ModelError(f"the decoder sent frames from {extra.start} on; the probe counted fewer")
+        yield done()
+    finally:
+        for closable in (detections, chunks):
+            getattr(closable, "close", lambda: None)()
+
+
+def write(batches: Iterable[TrackedBatch], frames: FrameBuffer | None, info: VideoInfo, config: JobConfig,
+          src_path: str | os.PathLike, dst_path: str | os.PathLike, *, preset: str | None = None,
+          progress: Progress | None = None) -> StageTimings:
+    """Composite each frame's detections and encode the mp4 (audio from `src_path`).
+
+    `batches` must hold exactly one Detections per frame, in order; `frames` gives the input's
+    pixels in overlay mode (None in mask mode). Returns the tracker stage's timings with
+    composite and encode added."""
+    from serve_app.video.composite import Compositor
     from serve_app.video.encode import Mp4Writer
+    from serve_app.video.threads import WriteBehind
 
-    timings = timings or StageTimings()
+    timings, composite_s = StageTimings(), 0.0
     width, height = info.display_size
     compositor = Compositor(config.mode, config.alpha, height=height, width=width)
-    det_iter = iter(detections)
     written = 0
     with Mp4Writer(dst_path, info, audio_source=src_path, preset=preset or DEFAULT_PRESETS[config.mode]) as writer:
-        # libx264 and the colour conversion run in their own thread while the next frame is
-        # tracked and composited; a few pictures queue at most.
+        # libx264 and the colour conversion run in their own thread while the next frame is composited.
         encoder = WriteBehind(writer.write, depth=4, name="encode")
         try:
-            while True:
-                t0 = time.perf_counter()
-                dets = next(det_iter, None)
-                t1 = time.perf_counter()
-                timings.track_ms += (t1 - t0) * 1e3
-                if dets is None:
-                    break
-                if dets.frame_index != written:
-                    raise ModelError(f"tracker returned frame {dets.frame_index} where frame {written} was due")
-                picture = compositor(frame_at(written), dets.keep(config.confidence_threshold))
-                timings.composite_ms += (time.perf_counter() - t1) * 1e3
-                encoder.put(picture)  # waits while the encoder is behind; its busy time is encode_ms
-                written += 1
-                if progress is not None:
-                    progress(written, info.num_frames)
+            for batch in batches:
+                timings = batch.timings  # the tracker stage's so far
+                for dets in batch.detections:
+                    if dets.frame_index != written:
+                        raise ModelError(f"tracker returned frame {dets.frame_index} where frame {written} was due")
+                    t = time.perf_counter()
+                    picture = compositor(frames.frame(written) if frames is not None else None, dets)
+                    composite_s += time.perf_counter() - t
+                    encoder.put(picture)  # waits while the encoder is behind; its busy time is encode_ms
+                    written += 1
+                    if progress is not None:
+                        progress(written, info.num_frames)
         except BaseException:
             encoder.close(raise_failure=False)  # the error in hand is the one to report
             raise
         encoder.close()
         t = time.perf_counter()
-    timings.encode_ms += encoder.busy_s * 1e3 + (time.perf_counter() - t) * 1e3  # + flush and moov move
     if written != info.num_frames:
         raise ModelError(f"tracker returned {written} frames; the video has {info.num_frames}")
-    return timings
+    # encode: the encoder thread's busy time, plus the flush and moov move
+    return replace(timings, composite_ms=composite_s * 1e3,
+                   encode_ms=(encoder.busy_s + time.perf_counter() - t) * 1e3)
 
 
-def run_local(
-    src_path: str | os.PathLike,
-    dst_path: str | os.PathLike,
-    config: JobConfig,
-    tracker: Tracker,
-    limits: Limits = Limits(),
-    progress: Progress | None = None,
-    chunk_frames: int = 16,
-) -> StageTimings:
+def run_local(src_path: str | os.PathLike, dst_path: str | os.PathLike, config: JobConfig, tracker: Tracker,
+              limits: Limits = Limits(), progress: Progress | None = None, chunk_frames: int = 16,
+              preset: str | None = None) -> StageTimings:
     """Segment `src_path` into `dst_path` in this process. Returns per-stage milliseconds."""
-    from serve_app.overlap import ReadAhead
-    from serve_app.video.decode import iter_chunks
     from serve_app.video.probe import probe
 
     start = time.perf_counter()
-    timings = StageTimings()
     info = probe(src_path, limits)
-    timings.probe_ms = (time.perf_counter() - start) * 1e3
-
-    # Decoding runs a couple of chunks ahead in its own thread.
-    decoded = ReadAhead(iter_chunks(src_path, info, chunk_frames), depth=2, name="decode")
-    frames = FrameBuffer(decoded, keep=config.mode == "overlay")
-    detections = tracker.track(frames, info, config)
+    probe_ms = (time.perf_counter() - start) * 1e3
+    source = LocalFrames(src_path, info, chunk_frames)
+    frames = FrameBuffer(source) if config.mode == "overlay" else None
+    batches = track(tracker, frames or source, info, config)
     try:
-        composite_and_encode(detections, frames.frame, info, config, src_path, dst_path, progress, timings)
+        timings = write(batches, frames, info, config, src_path, dst_path, preset=preset, progress=progress)
     finally:
-        close = getattr(detections, "close", None)
-        if close is not None:
-            close()  # a generator tracker frees its session even when we stop early
-        decoded.close()
-    timings.decode_ms = decoded.busy_s * 1e3
-    # Waiting for the next detections includes the tracker waiting for decoded frames.
-    timings.track_ms = max(0.0, timings.track_ms - frames.wait_s * 1e3)
+        batches.close()  # a tracker stopped early frees its session now
+        source.close()
+    timings.probe_ms = probe_ms
     timings.total_ms = (time.perf_counter() - start) * 1e3
     return timings

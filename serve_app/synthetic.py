@@ -138,7 +138,3 @@ def write_clip(path: str | os.PathLike, width: int = 640, height: int = 360, num
         for packet in stream.encode(None):
             out.mux(packet)
 
-
-def write_demo_clip(path: str | os.PathLike, width: int = 640, height: int = 360, num_frames: int = 60,
-                    fps: int = 25) -> None:
-    write_clip(path, width, height, num_frames, fps)

@@ -22,6 +22,11 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and not has_cuda:
             item.add_marker(skip_gpu)
+        tier = pathlib.Path(str(item.fspath)).parent.name
+        if tier in ("integration", "e2e"):
+            item.add_marker(tier)
+        if "cluster" in item.fixturenames:  # a real Ray cluster: seconds to start, minutes in all
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

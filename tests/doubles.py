@@ -1,7 +1,7 @@
 """Test doubles for the served graph: small real trackers with scripted misbehaviour.
 
 They run inside Ray Serve replicas, so they live in an importable module (the test cluster puts
-the repository on every worker's PYTHONPATH) and are chosen by import path like any tracker.
+the repository on every worker's PYTHONPATH) and are chosen by import path like any third-party tracker (`{"kind": "import", ...}`).
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import time
 from collections.abc import Iterable, Iterator
 
 from serve_app.contract import JobConfig
-from serve_app.trackers.fake import ColorShapeTracker
-from serve_app.types import Detections, FrameChunk, VideoInfo
+from serve_app.trackers.fake import ColorShapeTracker, FakeConfig
+from serve_app.media import Detections, FrameChunk, VideoInfo
 
 SCRIPTED_TRACKER = "tests.doubles:ScriptedTracker"
 
@@ -30,7 +30,7 @@ class ScriptedTracker(ColorShapeTracker):
     """
 
     def __init__(self, delay_s: float = 0.05, crash_after: int = 5, **options) -> None:
-        super().__init__(**options)
+        super().__init__(FakeConfig(**options))
         self.delay_s = delay_s
         self.crash_after = crash_after
 

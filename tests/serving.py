@@ -23,7 +23,6 @@ REPO = Path(__file__).resolve().parent.parent
 # Every test app: the scripted stand-in tracker on CPU, quick to stop.
 TEST_APP_ARGS: dict[str, Any] = {
     "tracker": SCRIPTED_TRACKER,
-    "tracker_num_gpus": 0,
     "graceful_shutdown_timeout_s": 0.5,
 }
 
@@ -66,7 +65,7 @@ def start_cluster(env: dict[str, str] | None = None) -> Cluster:
     import ray
     from ray import serve
 
-    from serve_app.proxy import install_env
+    from serve_app.api.proxy import install_env
 
     os.environ.update(env or {})
     install_env()  # as `sam3-video serve` runs it: the proxy stops reading past the upload cap
@@ -74,7 +73,7 @@ def start_cluster(env: dict[str, str] | None = None) -> Cluster:
     paths = [str(REPO), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
     os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
     cluster = Cluster(http_port=free_port(), metrics_port=free_port())
-    # Logical CPUs: the test apps reserve ~4 each and two cores must hold several apps.
+    # Logical CPUs: the test apps reserve ~2 each and two cores must hold several apps.
     ray.init(num_cpus=16, include_dashboard=False, log_to_driver=False,
              _metrics_export_port=cluster.metrics_port)
     serve.start(http_options={"host": "127.0.0.1", "port": cluster.http_port})

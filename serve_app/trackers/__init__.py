@@ -1,19 +1,27 @@
 """Trackers turn decoded frames plus a text prompt into per-frame detections.
 
-A tracker is chosen by import path, `module:Name`, and constructed with keyword options.
+Each tracker has a typed config, chosen by `kind`, that validates its fields and builds it:
+
+    {"kind": "sam3", "device": "cuda"}                   SAM 3 (trackers/sam3)
+    {"kind": "fake"}                                      the stand-in test double (trackers/fake.py)
+    {"kind": "import", "path": "pkg.mod:Name", "options": {...}}   anyone else's
+
+The names alone ("sam3", "fake", "pkg.mod:Name") stand for their config with its defaults,
+in the app's args, `serve run ... tracker=fake` and the CLI's --tracker alike.
 """
 
 from __future__ import annotations
 
 import importlib
 from collections.abc import Iterable, Iterator
-from typing import Any, Protocol, runtime_checkable
+from typing import Annotated, Any, Literal, Protocol, Union, runtime_checkable
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 from serve_app.contract import JobConfig
-from serve_app.types import Detections, FrameChunk, VideoInfo
-
-SAM3_TRACKER = "serve_app.trackers.sam3:Sam3Tracker"
-FAKE_TRACKER = "serve_app.trackers.fake:ColorShapeTracker"
+from serve_app.media import Detections, FrameChunk, VideoInfo
+from serve_app.trackers.fake import FakeConfig
+from serve_app.trackers.sam3.config import Sam3Config
 
 
 @runtime_checkable
@@ -22,22 +30,47 @@ class Tracker(Protocol):
 
     `track` consumes frame chunks as they are decoded and yields exactly one `Detections` per
     frame, in frame order, possibly lagging behind the input (SAM 3 holds frames back). It may
-    use `config.confidence_threshold` to tune itself; the pipeline filters by it afterwards
-    in any case, so a tracker never has to.
+    use `config.confidence_threshold` to tune itself; the pipeline keeps only the objects
+    scoring at least that in any case (pipeline.track), so a tracker never has to.
     """
 
-    def track(
-        self, chunks: Iterable[FrameChunk], info: VideoInfo, config: JobConfig
-    ) -> Iterator[Detections]: ...
+    def track(self, chunks: Iterable[FrameChunk], info: VideoInfo, config: JobConfig) -> Iterator[Detections]: ...
 
 
-def load_tracker(spec: str, **options: Any) -> Tracker:
-    """Import `module:Name` and construct it with `options`."""
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise ValueError(f"tracker is {spec!r}; it must be an import path like 'package.module:ClassName'")
-    cls = getattr(importlib.import_module(module_name), attr)
-    tracker = cls(**options)
-    if not isinstance(tracker, Tracker):
-        raise TypeError(f"{spec} has no track(chunks, info, config) method")
-    return tracker
+class ImportConfig(BaseModel):
+    """A tracker from anywhere: `path` names a class (module:Name) built with `options`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["import"] = "import"
+    path: str = Field(pattern=r"^[\w.]+:\w+$", description="module:Name of a class with track(chunks, info, config).")
+    options: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments of its constructor.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs a replica of it needs.")
+
+    def build(self) -> Tracker:
+        module_name, _, attr = self.path.partition(":")
+        tracker = getattr(importlib.import_module(module_name), attr)(**self.options)
+        if not isinstance(tracker, Tracker):
+            raise TypeError(f"{self.path} has no track(chunks, info, config) method")
+        return tracker
+
+    def preflight(self) -> None:
+        """Nothing to check before building."""
+
+
+TrackerConfig = Annotated[Union[Sam3Config, FakeConfig, ImportConfig], Field(discriminator="kind")]
+KINDS = ("sam3", "fake", "import")
+_ADAPTER: TypeAdapter = TypeAdapter(TrackerConfig)
+
+
+def tracker_config(value: str | dict | BaseModel, **fields: Any) -> TrackerConfig:
+    """A tracker config from a name ("sam3", "fake", "module:Name") or a mapping, with `fields`
+    set on it (for an import path: its constructor options)."""
+    if isinstance(value, BaseModel):
+        value = value.model_dump()
+    if isinstance(value, str):
+        if ":" in value:
+            value, fields = {"kind": "import", "path": value}, {"options": fields} if fields else {}
+        else:
+            value = {"kind": value}
+    return _ADAPTER.validate_python({**value, **fields})

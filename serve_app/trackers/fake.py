@@ -12,30 +12,45 @@ run, and be tested, without a GPU or weights.
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Iterable, Iterator
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 
 from serve_app.contract import JobConfig
-from serve_app.types import Detections, FrameChunk, VideoInfo
+from serve_app.media import Detections, FrameChunk, VideoInfo
 
 # OpenCV hue (0-180) of each colour word's pure colour in serve_app.synthetic.PURE_RGB.
 HUES = {"red": 0, "yellow": 26, "green": 66, "blue": 116}
 
 
-class ColorShapeTracker:
-    """Options: `min_area` (pixels; smaller blobs are noise), `hue_tolerance` (OpenCV hue
-    units), `min_saturation` and `min_value` (0-255) for a pixel to count as coloured,
-    `match_iou` (overlap with the previous frame's object that keeps its id)."""
+class FakeConfig(BaseModel):
+    """`{"kind": "fake", ...}`: the stand-in tracker, ColorShapeTracker."""
 
-    def __init__(self, min_area: int = 64, hue_tolerance: int = 12, min_saturation: int = 60,
-                 min_value: int = 60, match_iou: float = 0.3) -> None:
-        self.min_area = min_area
-        self.hue_tolerance = hue_tolerance
-        self.min_saturation = min_saturation
-        self.min_value = min_value
-        self.match_iou = match_iou
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["fake"] = "fake"
+    min_area: int = Field(64, ge=1, description="Pixels; smaller blobs are noise.")
+    hue_tolerance: int = Field(12, ge=0, le=90, description="OpenCV hue units (0-180 a turn).")
+    min_saturation: int = Field(60, ge=0, le=255, description="For a pixel to count as coloured.")
+    min_value: int = Field(60, ge=0, le=255, description="For a pixel to count as coloured.")
+    match_iou: float = Field(0.3, ge=0, le=1, description="Overlap with the previous frame's object that keeps its id.")
+    # Benchmarks stand it in for a GPU model: a wait per frame that costs no CPU.
+    frame_delay_s: float = Field(0.0, ge=0, le=10, description="Seconds slept per frame.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs a replica of it needs (none).")
+
+    def build(self) -> "ColorShapeTracker":
+        return ColorShapeTracker(self)
+
+    def preflight(self) -> None:
+        """Nothing to check before building."""
+
+
+class ColorShapeTracker:
+    def __init__(self, config: FakeConfig = FakeConfig()) -> None:
+        self.config = config
 
     def colours(self, prompt: str) -> list[str]:
         words = set(re.findall(r"[a-z]+", prompt.lower()))
@@ -58,6 +73,8 @@ class ColorShapeTracker:
                         else:  # the score is fixed at the object's birth
                             current.append(_Blob(match.id, colour, match.score, box, crop))
                 previous = current
+                if self.config.frame_delay_s:
+                    time.sleep(self.config.frame_delay_s)
                 yield _detections(chunk.start + offset, current, height, width)
 
     def _member(self, rgb: np.ndarray, colour: str) -> np.ndarray:
@@ -66,12 +83,12 @@ class ColorShapeTracker:
 
         hsv = cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2HSV)
         # Hue wraps around at red: a circular distance <= tolerance is one or two ranges of 0-179.
-        lo, hi = HUES[colour] - self.hue_tolerance, HUES[colour] + self.hue_tolerance
+        lo, hi = HUES[colour] - self.config.hue_tolerance, HUES[colour] + self.config.hue_tolerance
         ranges = [(max(lo, 0), min(hi, 179))] + ([(180 + lo, 179)] if lo < 0 else []) + (
             [(0, hi - 180)] if hi > 179 else [])
         member = None
         for a, b in ranges:
-            inside = cv2.inRange(hsv, (a, self.min_saturation, self.min_value), (b, 255, 255))
+            inside = cv2.inRange(hsv, (a, self.config.min_saturation, self.config.min_value), (b, 255, 255))
             member = inside if member is None else cv2.bitwise_or(member, inside)
         return member
 
@@ -97,7 +114,7 @@ class ColorShapeTracker:
             member = self._member(frame[y0:y1, x0:x1], colour)
             m, labels, stats, _ = cv2.connectedComponentsWithStats(member, connectivity=8)
             for label in range(1, m):
-                if stats[label, cv2.CC_STAT_AREA] < self.min_area:
+                if stats[label, cv2.CC_STAT_AREA] < self.config.min_area:
                     continue
                 bx, by, bw, bh = stats[label, :4].tolist()
                 crop = labels[by : by + bh, bx : bx + bw] == label
@@ -108,7 +125,7 @@ class ColorShapeTracker:
         return out
 
     def _match(self, colour, box, crop, previous):
-        best, best_iou = None, self.match_iou
+        best, best_iou = None, self.config.match_iou
         area = int(np.count_nonzero(crop))
         for prev in previous:
             if prev.colour != colour:

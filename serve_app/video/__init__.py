@@ -1,12 +1,7 @@
-"""The faithful video path on CPU: probe (validate, learn), decode (frames a player shows),
-encode (same size, frame count, timestamps, rotation and audio as the input).
+"""The media path on CPU: probe (validate, learn), decode (frames a player shows), composite
+(masks and overlays as SAM 3 draws them), encode (same size, frame count, timestamps, rotation
+and audio as the input), and the threads that let them overlap.
 
 PyAV and decord are imported lazily inside the functions so that importing this package
 stays cheap.
 """
-
-from serve_app.video.decode import iter_chunks
-from serve_app.video.encode import Mp4Writer
-from serve_app.video.probe import probe
-
-__all__ = ["probe", "iter_chunks", "Mp4Writer"]

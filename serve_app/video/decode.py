@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from serve_app.errors import UnsupportedMedia
-from serve_app.types import FrameChunk, VideoInfo
+from serve_app.media import FrameChunk, VideoInfo
 
 
 def iter_chunks(
@@ -131,12 +131,8 @@ def _decord_frames(path, info: VideoInfo) -> Iterator[tuple[Any, Callable[[Any],
         raise UnsupportedMedia(f"video cannot be opened by decord: {_first_line(exc)}") from None
     total = len(reader)
     try:
-        # next() keeps decord's sequential path: get_batch over index ranges measured slower
-        # (87-116 vs 190 fps at 1080p) and bounds memory no better.
-        # Frames are skipped by reading them too: decord converts to RGB in its own thread in
-        # any case, and its skip_frames() seeks by key frame and lands on the wrong frame (5
-        # skipped on a variable-rate clip with B-frames gave frame 8). decord takes only small
-        # videos (probe.py), so a skip costs little.
+        # Sequential next(), skipping by reading: faster than get_batch, and skip_frames()
+        # lands on the wrong frame (docs/design.md, Decoders).
         for _ in range(total):
             # decord applies 180-degree rotation itself (quarter turns are routed to PyAV).
             yield reader.next(), _asnumpy

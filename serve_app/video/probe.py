@@ -3,7 +3,7 @@
 `probe` demuxes the video packets (cheap: no decoding but the first frame), and from them learns
 what a player will present: the frames that survive the edit list, in presentation order, with
 their timestamps. It refuses what the service cannot answer faithfully, with a typed error whose
-one-line message names the problem, and picks the decoder (decord or PyAV) by measured rules.
+one-line message names the problem, and picks the decoder (decord or PyAV).
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ import os
 from fractions import Fraction
 
 from serve_app.errors import UnsupportedMedia, UploadTooLarge, VideoLimitExceeded
-from serve_app.types import AudioInfo, Limits, VideoInfo
+from serve_app.contract import Limits, size
+from serve_app.media import AudioInfo, VideoInfo
 
 # What PyAV calls the ISO-BMFF demuxer; webm/mkv/ts/avi renamed .mp4 report another name.
 MP4_FAMILY = "mov,mp4,m4a,3gp,3g2,mj2"
@@ -20,15 +21,10 @@ MP4_FAMILY = "mov,mp4,m4a,3gp,3g2,mj2"
 # Audio the mp4 muxer takes as is; anything else (PCM in .mov, ...) is transcoded to AAC.
 MP4_AUDIO_CODECS = frozenset({"aac", "mp3", "alac", "opus", "flac", "ac3", "eac3"})
 
-# Decord (0.6.0, FFmpeg 4.1) routing, from measurements on this project's inputs:
-# - same pixels as PyAV for 8-bit h264/hevc/mpeg4 in 4:2:0/4:2:2/4:4:4; 10-bit differs by up to
-#   54 levels; AV1 is not found at all; VP9 fails mid-stream (FACTS).
+# decord (0.6.0, FFmpeg 4.1) takes only what it decodes exactly as PyAV does, and only videos
+# whose every frame, decoded, fits its unbounded read-ahead (docs/design.md, Decoders).
 DECORD_CODECS = frozenset({"h264", "hevc", "mpeg4"})
 DECORD_PIX_FMTS = frozenset({"yuv420p", "yuvj420p", "yuv422p", "yuvj422p", "yuv444p", "yuvj444p"})
-# - its decode thread buffers frames ahead without bound whenever the consumer is slower than
-#   the decoder (1.0 GB at 300 and 2.1 GB at 600 frames of 1080p, reading through get_batch,
-#   next() or a pump thread alike), so it may only take videos whose every frame, decoded, fits
-#   this budget: then its worst case is a constant, not a function of the video's length.
 DECORD_MAX_BUFFER_BYTES = 256 * 1024 * 1024
 
 
@@ -41,13 +37,11 @@ def probe(path: str | os.PathLike, limits: Limits = Limits()) -> VideoInfo:
     import av
 
     path = os.fspath(path)
-    size = os.path.getsize(path)
-    if size == 0:
+    nbytes = os.path.getsize(path)
+    if nbytes == 0:
         raise UnsupportedMedia("upload is empty (0 bytes); send an MP4 video")
-    if size > limits.max_bytes:
-        raise UploadTooLarge(
-            f"video is {size / 1e6:.1f} MB; the limit is {limits.max_bytes / 1e6:.0f} MB"
-        )
+    if nbytes > limits.max_bytes:
+        raise UploadTooLarge(f"video is {size(nbytes)}; the limit is {size(limits.max_bytes)}")
     try:
         container = av.open(path, metadata_errors="ignore")
     except (av.error.FFmpegError, UnicodeDecodeError, ValueError) as exc:
@@ -72,9 +66,9 @@ def probe(path: str | os.PathLike, limits: Limits = Limits()) -> VideoInfo:
             )
         if len(entries):
             end = max(e.pos + e.size for e in entries)
-            if end > size:
+            if end > nbytes:
                 raise UnsupportedMedia(
-                    f"file is truncated: its index points to byte {end} but it has {size} bytes"
+                    f"file is truncated: its index points to byte {end} but it has {nbytes} bytes"
                 )
         pts, n_packets = _presented_pts(container, stream)
         if n_packets < len(entries):
@@ -97,7 +91,7 @@ def probe(path: str | os.PathLike, limits: Limits = Limits()) -> VideoInfo:
         if container.streams.audio:
             acodec = container.streams.audio[0].codec_context.codec.canonical_name
             audio = AudioInfo(codec=acodec, copyable=acodec in MP4_AUDIO_CODECS)
-    decoder, reason = _choose_decoder(codec, pix_fmt, rotation, width, height, len(pts), n_packets)
+    decoder = _choose_decoder(codec, pix_fmt, rotation, width, height, len(pts), n_packets)
     return VideoInfo(
         width=width,
         height=height,
@@ -109,9 +103,7 @@ def probe(path: str | os.PathLike, limits: Limits = Limits()) -> VideoInfo:
         codec=codec,
         pix_fmt=pix_fmt,
         decoder=decoder,
-        decoder_reason=reason,
         audio=audio,
-        size_bytes=size,
     )
 
 
@@ -193,25 +185,16 @@ def _rotation(frame) -> int:
     return int(round(degrees / 90.0)) % 4 * 90
 
 
-def _choose_decoder(
-    codec: str, pix_fmt: str, rotation: int, width: int, height: int, n_presented: int, n_packets: int
-) -> tuple[str, str]:
-    # Each rule answers a measured decord failure; see the constants above.
+def _choose_decoder(codec: str, pix_fmt: str, rotation: int, width: int, height: int, n_presented: int,
+                    n_packets: int) -> str:
+    """decord for small plain videos; PyAV for the rest. Each rule answers a measured decord
+    failure (docs/design.md, Decoders)."""
     if n_packets != n_presented:
-        # decord decodes hidden frames too: an edit list hiding 5 of 20 frames gave 20 frames,
-        # the last 5 repeats of the final one.
-        return "pyav", f"edit list hides {n_packets - n_presented} of {n_packets} frames"
-    if codec not in DECORD_CODECS:
-        return "pyav", f"codec {codec} is not in decord's safe set"
-    if pix_fmt not in DECORD_PIX_FMTS:
-        return "pyav", f"pixel format {pix_fmt} converts differently in decord"
+        return "pyav"  # an edit list hides frames: decord decodes them too
+    if codec not in DECORD_CODECS or pix_fmt not in DECORD_PIX_FMTS:
+        return "pyav"
     if rotation in (90, 270):
-        # decord 0.6.0 returns (W, H, 4) garbage for quarter turns and get_batch fails.
-        return "pyav", f"rotation {rotation} is broken in decord"
-    frame_bytes = width * height * 3
-    if n_presented * frame_bytes > DECORD_MAX_BUFFER_BYTES:
-        return "pyav", (
-            f"{n_presented} frames of {width}x{height} exceed decord's "
-            f"{DECORD_MAX_BUFFER_BYTES >> 20} MiB read-ahead budget"
-        )
-    return "decord", "small plain video"
+        return "pyav"  # decord returns (W, H, 4) garbage for quarter turns
+    if n_presented * width * height * 3 > DECORD_MAX_BUFFER_BYTES:
+        return "pyav"  # decord's read-ahead is unbounded: only videos that fit its budget whole
+    return "decord"

@@ -7,14 +7,14 @@ import httpx
 import pytest
 
 from tests.checks import mask_iou, read_video
-from tests.conftest import SHAPES_FPS, SHAPES_H, SHAPES_N, SHAPES_W
+from tests.conftest import SHAPES_FPS, SHAPES_H, SHAPES_N, SHAPES_W, TEST_TOKEN
 from tests.serving import parse_multipart, wait_until
 
 STAGES = ("probe", "decode", "track", "composite", "encode", "total")
 
 
 def multipart_job(job: dict, video: bytes) -> tuple[bytes, str]:
-    from serve_app.remote import _multipart
+    from serve_app.client import multipart_job as _multipart
 
     return _multipart(job, video)
 
@@ -98,8 +98,31 @@ def test_malformed_job_requests_are_400(graph, body, words):
 
 def test_health_and_unknown_routes(graph):
     assert httpx.get(f"{graph}/healthz").text == "ok"
-    r = httpx.get(f"{graph}/v2/nothing")
-    assert r.status_code == 404 and "POST /v2/job" in r.json()["error"]
+    assert httpx.get(f"{graph}/v2/health").text == "ok"
+    for path in ("/v2/nothing", "/anything/v2/segment", "/v2/job/extra"):  # routes match exactly
+        r = httpx.post(f"{graph}{path}", content=b"x")
+        assert r.status_code == 404 and r.json()["code"] == "not_found", path
+        assert "POST /v2/job" in r.json()["error"]
+
+
+def test_a_wrong_method_is_405_naming_the_allowed_one(graph):
+    r = httpx.get(f"{graph}/v2/job")
+    assert r.status_code == 405 and r.headers["allow"] == "POST"
+    assert r.json()["code"] == "method_not_allowed" and "GET /v2/job" in r.json()["error"]
+    r = httpx.delete(f"{graph}/healthz")
+    assert r.status_code == 405 and "GET" in r.headers["allow"]
+
+
+def test_every_error_carries_a_stable_code_beside_its_message(graph, strict):
+    big = httpx.post(f"{strict}/v2/segment?prompt=red", content=b"\0" * (3 << 20),
+                     headers={"Authorization": f"Bearer {TEST_TOKEN}"})
+    assert (big.status_code, big.json()["code"]) == (413, "upload_too_large")
+    r = httpx.post(f"{graph}/v2/segment", params={"prompt": "red", "alpha": "2"}, content=b"x")
+    assert (r.status_code, r.json()["code"]) == (400, "invalid_job")
+    r = httpx.post(f"{graph}/v2/segment", params={"prompt": "red"}, content=b"\0" * 100)
+    assert (r.status_code, r.json()["code"]) == (415, "unsupported_media")
+    r = httpx.post(f"{strict}/v2/segment", params={"prompt": "red"}, content=b"x")
+    assert (r.status_code, r.json()["code"]) == (401, "unauthorized")
 
 
 def test_prometheus_metrics_per_stage(cluster, graph, shapes):

@@ -11,7 +11,7 @@ import httpx
 import numpy as np
 import pytest
 
-from serve_app.remote import _multipart
+from serve_app.client import multipart_job as _multipart
 from tests.checks import mask_iou, read_video
 from tests.conftest import SHAPES_FPS, SHAPES_H, SHAPES_N, SHAPES_W, TEST_TOKEN
 from tests.corpus import NAMES
@@ -118,7 +118,7 @@ def test_streamed_body_over_the_limit_stops_being_read_at_the_limit(cluster, str
 
 def test_a_real_upload_over_100_mb_is_refused_without_reading_it_all(cluster, graph, shapes):
     # 600 MB offered; Serve's proxy would read it all into memory as fast as it arrives, but its
-    # body cap (serve_app/proxy.py) stops reading past 100 MB, so the sender is held back.
+    # body cap (serve_app/api/proxy.py) stops reading past 100 MB, so the sender is held back.
     sent, answer = chunked_upload(cluster.http_port, "/v2/segment?prompt=red", 600 * MB)
     assert answer.startswith(b"HTTP/1.1 413"), answer
     assert b"over the limit of 100 MB" in answer

@@ -8,8 +8,7 @@ import pytest
 from serve_app.app import build_app
 from serve_app.contract import JobConfig
 from serve_app.errors import InvalidJob, ServiceError
-from serve_app.trackers import FAKE_TRACKER
-from serve_app.wire import SegmentResult
+from serve_app.graph.wire import SegmentResult
 from tests.checks import expected_mask, mask_iou, read_video
 from tests.conftest import SHAPES_FPS, SHAPES_H, SHAPES_N, SHAPES_W
 
@@ -18,7 +17,7 @@ from tests.conftest import SHAPES_FPS, SHAPES_H, SHAPES_N, SHAPES_W
 def handle():
     from ray import serve
 
-    return serve.run(build_app({"tracker": FAKE_TRACKER, "tracker_num_gpus": 0, "chunk_frames": 7}),
+    return serve.run(build_app({"tracker": "fake", "chunk_frames": 7}),
                      name="sam3-video-local", _local_testing_mode=True)
 
 
@@ -75,7 +74,7 @@ def test_bytes_over_the_limit_are_refused_naming_it(clip):
 
     from serve_app.errors import UploadTooLarge
 
-    small = serve.run(build_app({"tracker": FAKE_TRACKER, "tracker_num_gpus": 0, "limits": {"max_bytes": 1024}}),
+    small = serve.run(build_app({"tracker": "fake", "limits": {"max_bytes": 1024}}),
                       name="sam3-video-small", _local_testing_mode=True)
     with pytest.raises(UploadTooLarge, match=r"upload is \d+ KB; the limit is 1 KB"):
         small.segment.remote(clip, {"prompt": "red"}).result()

@@ -8,12 +8,14 @@ import numpy as np
 import pytest
 
 from tests.checks import read_video
+from tests.doubles import SCRIPTED_TRACKER
 
 W, H, N, FPS = 256, 144, 120, 30
 CHUNK, AHEAD = 4, 1
 # Small chunks make a long video of a short clip: 30 chunks, 1.2 s of tracking at 10 ms a frame.
 PULL_ARGS = {"chunk_frames": CHUNK, "decode_ahead_chunks": AHEAD, "decoder_replicas": 2,
-             "tracker_options": {"delay_s": 0.01}, "tracker_max_ongoing_requests": 4}
+             "tracker": {"kind": "import", "path": SCRIPTED_TRACKER, "options": {"delay_s": 0.01}},
+             "tracker_max_ongoing_requests": 4}
 
 
 @pytest.fixture(scope="module")
@@ -52,12 +54,12 @@ def same_as_in_process(mp4: bytes, clip, prompt: str, tmp_path) -> bool:
 def test_the_decoder_stays_within_its_lead_of_a_slow_tracker(app, clip, tmp_path):
     result = app.segment_result.remote(clip.read_bytes(), {"prompt": "slow red"}).result()
     assert same_as_in_process(result.mp4, clip, "slow red", tmp_path)
-    extra = result.timings.extra
-    print(extra, f"decode {result.timings.decode_ms:.0f} ms, track {result.timings.track_ms:.0f} ms")
+    t = result.timings
+    print(t)
     # A streaming decoder finishes 30 chunks while the tracker is on its first few; pulling
     # holds it to the chunks asked for beyond the current one, plus one on its way.
-    assert 1 <= extra["decode_lead_chunks"] <= AHEAD + 1
-    assert result.timings.decode_ms > 0
+    assert 1 <= t.decode_lead_chunks <= AHEAD + 1
+    assert t.decode_ms > 0
 
 
 def test_two_decoder_replicas_give_every_job_its_own_right_answer(app, clip, tmp_path):
@@ -67,7 +69,7 @@ def test_two_decoder_replicas_give_every_job_its_own_right_answer(app, clip, tmp
         results = list(pool.map(lambda p: app.segment_result.remote(data, {"prompt": p}).result(), prompts))
     for prompt, result in zip(prompts, results):
         assert same_as_in_process(result.mp4, clip, prompt, tmp_path), prompt
-        assert result.timings.extra["decode_lead_chunks"] <= AHEAD + 1
+        assert result.timings.decode_lead_chunks <= AHEAD + 1
     # Affinity is routing only, so it is reported, not asserted: 1 open and 0 wasted frames
     # per job when each job's calls all reached one replica.
-    print([(r.timings.extra["decode_opens"], r.timings.extra["decode_wasted_frames"]) for r in results])
+    print([(r.timings.decode_opens, r.timings.decode_wasted_frames) for r in results])

@@ -1,31 +1,10 @@
 import numpy as np
 import pytest
 
-from serve_app.composite import Compositor, render_mask, render_overlay
-from serve_app.palette import COLORS
-from serve_app.types import Detections
-
-
-def blobs(height, width, n, seed=0, ids=None):
-    """n overlapping elliptical objects with SAM 3-style boxes derived from their masks."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:height, :width]
-    masks, boxes = [], []
-    for _ in range(n):
-        cy, cx = rng.uniform(0.2, 0.8) * height, rng.uniform(0.2, 0.8) * width
-        ry, rx = rng.uniform(0.08, 0.3) * height, rng.uniform(0.08, 0.3) * width
-        m = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
-        r, c = np.nonzero(m)
-        boxes.append([c.min() / width, r.min() / height, (c.max() - c.min()) / width, (r.max() - r.min()) / height])
-        masks.append(m)
-    ids = np.arange(n, dtype=np.int64) if ids is None else np.asarray(ids, np.int64)
-    return Detections(
-        frame_index=0,
-        obj_ids=ids,
-        scores=rng.uniform(0.3, 1.0, n).astype(np.float32),
-        boxes_xywh=np.asarray(boxes, np.float32),
-        masks=np.stack(masks),
-    )
+from serve_app.video.composite import Compositor, render_mask, render_overlay
+from serve_app.video.palette import COLORS
+from serve_app.media import Detections
+from benchmarks.common import blobs
 
 
 def sam3_render(frame, dets, alpha):

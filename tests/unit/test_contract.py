@@ -75,3 +75,31 @@ def test_status_table():
     assert Overloaded("x", 3).retry_after_s == 3
     assert http_status(ValueError("ours")) == 500
     assert all(issubclass(cls, ServiceError) for cls, _ in HTTP_STATUS)
+
+
+def test_every_error_type_has_its_own_code_and_comes_back_from_it():
+    from serve_app.errors import _all, error_from_code
+
+    types = _all(ServiceError)
+    assert len({cls.code for cls in types}) == len(types)
+    for cls in types:
+        rebuilt = error_from_code(cls.code, "message", 3)
+        assert type(rebuilt) is cls and str(rebuilt) == "message"
+    assert error_from_code("overloaded", "busy", 7).retry_after_s == 7
+    assert type(error_from_code("from_a_newer_server", "x")) is ServiceError
+
+
+def test_the_python_client_rebuilds_the_exact_type_from_the_answer():
+    from serve_app.client import error_from
+    from serve_app.errors import VideoLimitExceeded
+
+    # Both are 413: only the code tells them apart.
+    too_big = error_from(413, b'{"error": "upload is 131 MB; the limit is 100 MB", "code": "upload_too_large"}')
+    too_long = error_from(413, b'{"error": "video has 20000 frames", "code": "video_limit_exceeded"}')
+    assert type(too_big) is UploadTooLarge and type(too_long) is VideoLimitExceeded
+    assert str(too_long) == "HTTP 413: video has 20000 frames"
+    assert type(error_from(502, b"<html>bad gateway</html>")) is ServiceError  # not ours: no code
+
+
+def test_an_error_with_a_retry_time_reads_as_its_message():
+    assert str(Overloaded("the queue is full; retry later", 5)) == "the queue is full; retry later"

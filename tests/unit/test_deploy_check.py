@@ -72,6 +72,7 @@ def _set(cfg, where, key, value):
         (("applications", 0, "args"), "tracker_max_replica", "applications[0].args.tracker_max_replica",
          "tracker_max_replicas"),
         (("applications", 0, "args", "limits"), "max_byte", "applications[0].args.limits.max_byte", "max_bytes"),
+        (("applications", 0, "args", "tracker"), "warm_size", "applications[0].args.tracker.warm_size", "warm_sizes"),
         (("applications", 0, "deployments", 0), "health_check_period", "applications[0].deployments[0].health_check_period",
          "health_check_period_s"),
         (("applications", 0, "deployments", 0, "autoscaling_config"), "min_replica",
@@ -153,7 +154,7 @@ def test_a_node_started_without_the_proxy_body_cap_is_reported(cluster_cfg):
     cluster_cfg["worker_start_ray_commands"] = ["ray stop", "ray start --address=$RAY_HEAD_IP:6379"]
     assert [str(p) for p in cluster_problems(cluster_cfg)] == [
         "cluster.yaml: worker_start_ray_commands[1] starts Ray without RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH="
-        "serve_app.proxy:middlewares; that node's HTTP proxy would read uploads of any size into memory"
+        "serve_app.api.proxy:middlewares; that node's HTTP proxy would read uploads of any size into memory"
     ]
 
 

@@ -3,9 +3,8 @@ import pytest
 
 from serve_app import synthetic as S
 from serve_app.contract import JobConfig
-from serve_app.trackers import FAKE_TRACKER, Tracker, load_tracker
 from serve_app.trackers.fake import ColorShapeTracker
-from serve_app.types import FrameChunk
+from serve_app.media import FrameChunk
 
 N, W, H = 30, 480, 272
 
@@ -28,10 +27,6 @@ def run(frames, prompt, chunk=8):
 
 def iou(a, b):
     return (a & b).sum() / max((a | b).sum(), 1)
-
-
-def test_loads_by_import_path_and_is_a_tracker():
-    assert isinstance(load_tracker(FAKE_TRACKER), Tracker)
 
 
 def test_finds_every_shape_of_the_prompted_colours_with_the_right_masks(decoded):

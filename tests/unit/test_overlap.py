@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from serve_app.overlap import ReadAhead, WriteBehind
+from serve_app.video.threads import ReadAhead, WriteBehind
 
 
 def test_read_ahead_yields_everything_in_order():

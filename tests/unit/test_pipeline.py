@@ -113,3 +113,90 @@ def test_a_failure_midway_is_reported_and_stops_the_decode_and_encode_threads(cl
     with pytest.raises(ModelError, match="frame 10"):
         run_local(clip, tmp_path / "f.mp4", JobConfig(prompt="red", mode="overlay"), FailsMidwayTracker())
     assert not [t.name for t in threading.enumerate() if t.name in ("decode", "encode")]
+
+
+# -- track(): the tracker stage, wherever it runs ----------------------------------------------
+class TimedFrames:
+    """A FrameSource (test double) that takes `wait_s` to produce each chunk; `closed` once
+    its iteration is closed."""
+
+    def __init__(self, chunks, wait_s=0.0):
+        from serve_app.pipeline import StageTimings
+
+        self.chunks, self.wait_s, self.timings, self.closed = list(chunks), wait_s, StageTimings(), False
+
+    def __iter__(self):
+        import time
+
+        try:
+            for chunk in self.chunks:
+                time.sleep(self.wait_s)
+                self.timings.decode_ms += self.wait_s * 1e3
+                yield chunk
+        finally:
+            self.closed = True
+
+
+def shape_chunks(n=12, size=4):
+    from serve_app.media import FrameChunk
+
+    frames = np.stack(list(S.frames(n, 96, 64)))
+    return [FrameChunk(s, frames[s:s + size]) for s in range(0, n, size)]
+
+
+def test_track_applies_the_threshold_once_and_batches_every_frame_in_order():
+    from serve_app.pipeline import track
+
+    info = None  # the stand-in tracker reads nothing from it
+    batches = list(track(ColorShapeTracker(), TimedFrames(shape_chunks()), info,
+                         JobConfig(prompt="red", confidence_threshold=0.5), batch_frames=5))
+    dets = [d for b in batches for d in b.detections]
+    assert [d.frame_index for d in dets] == list(range(12))
+    assert [len(b.detections) for b in batches] == [5, 5, 2]
+    assert all(len(d) == 1 and d.scores.min() >= 0.5 for d in dets)  # the pale red square is dropped
+    everything = [d for b in track(ColorShapeTracker(), TimedFrames(shape_chunks()), info,
+                                   JobConfig(prompt="red", confidence_threshold=0.0)) for d in b.detections]
+    assert all(len(d) == 2 for d in everything)
+
+
+def test_track_time_excludes_the_waits_for_frames():
+    from serve_app.pipeline import track
+
+    batches = list(track(ColorShapeTracker(), TimedFrames(shape_chunks(), wait_s=0.2), None, JobConfig(prompt="red")))
+    final = batches[-1].timings
+    assert final.decode_ms == pytest.approx(600)
+    assert 0 < final.track_ms < 200  # three chunks of 96x64 frames; the 0.6 s of waiting is not tracking
+
+
+def test_frames_past_the_probed_count_are_a_model_error():
+    from serve_app.pipeline import track
+
+    class FirstChunkOnly(ColorShapeTracker):
+        """A tracker (test double) that stops after the first chunk, as SAM 3 does at num_frames."""
+
+        def track(self, chunks, info, config):
+            for chunk in chunks:
+                yield from super().track([chunk], info, config)
+                return
+
+    with pytest.raises(ModelError, match="decoder sent frames from 4 on"):
+        list(track(FirstChunkOnly(), TimedFrames(shape_chunks()), None, JobConfig(prompt="red")))
+
+
+def test_closing_the_stage_closes_the_tracker_and_its_frames():
+    from serve_app.pipeline import track
+
+    closed = []
+
+    class Recording(ColorShapeTracker):
+        def track(self, chunks, info, config):
+            try:
+                yield from super().track(chunks, info, config)
+            finally:
+                closed.append("tracker")
+
+    frames = TimedFrames(shape_chunks())
+    stage = track(Recording(), frames, None, JobConfig(prompt="red"), batch_frames=1)
+    next(stage)
+    stage.close()
+    assert closed == ["tracker"] and frames.closed

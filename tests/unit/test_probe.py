@@ -7,7 +7,7 @@ from fractions import Fraction
 import pytest
 
 from serve_app.errors import UnsupportedMedia, UploadTooLarge, VideoLimitExceeded
-from serve_app.types import Limits
+from serve_app.contract import Limits
 from serve_app.video.probe import probe
 from tests.videofactory import make_audio_only, make_video, seconds, truncate
 
@@ -35,8 +35,7 @@ def test_plain_clip_is_described_completely(clips):
     assert info.rotation == 0
     assert (info.codec, info.pix_fmt) == ("h264", "yuv420p")
     assert info.audio is None
-    assert info.size_bytes == os.path.getsize(clips["plain"])
-    assert info.decoder == "decord" and info.decoder_reason
+    assert info.decoder == "decord"
 
 
 def test_variable_frame_rate_keeps_every_timestamp(clips):
@@ -56,7 +55,7 @@ def test_edit_list_counts_only_presented_frames(clips):
     info = probe(clips["editlist"])
     assert info.num_frames == 15
     assert seconds(info) == pytest.approx([i / 25 for i in range(15)])
-    assert info.decoder == "pyav" and "edit list" in info.decoder_reason
+    assert info.decoder == "pyav"
 
 
 def test_audio_codec_and_whether_mp4_holds_it(clips):
@@ -85,10 +84,10 @@ def test_decoder_rules(tmp_path, cockatoo, bikes):
     assert route(rotation=180).decoder == "decord"  # decord turns half turns correctly
     assert route(codec="mjpeg", pix_fmt="yuvj420p").decoder == "pyav"
     ten_bit = route(pix_fmt="yuv420p10le")
-    assert ten_bit.decoder == "pyav" and "yuv420p10le" in ten_bit.decoder_reason
+    assert ten_bit.decoder == "pyav"
     assert probe(bikes).decoder == "decord"  # 250 x 640x272 fits the read-ahead budget
     big = probe(cockatoo)  # 280 x 1280x720 does not
-    assert big.decoder == "pyav" and "budget" in big.decoder_reason
+    assert big.decoder == "pyav"
 
 
 # --- refusals ------------------------------------------------------------------------------------

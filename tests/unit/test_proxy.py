@@ -1,8 +1,8 @@
-"""The body cap Serve's HTTP proxy runs (serve_app/proxy.py), as a plain ASGI middleware."""
+"""The body cap Serve's HTTP proxy runs (serve_app/api/proxy.py), as a plain ASGI middleware."""
 
 import asyncio
 
-from serve_app.proxy import BodyLimit
+from serve_app.api.proxy import BodyLimit
 
 
 def run_capped(max_bytes: int, chunks: list[bytes], reads: int) -> tuple[list[bytes], bool]:

@@ -1,4 +1,4 @@
-"""The pull between tracker and decoder (serve_app/pull.py), without Ray: the decoder's per-job
+"""The pull between tracker and decoder (serve_app/graph/pull.py), without Ray: the decoder's per-job
 readers give the right chunk whatever order and replica the calls come in, are closed when done
 or abandoned, and the tracker's end keeps only a few chunks in flight."""
 
@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from serve_app.errors import UnsupportedMedia
-from serve_app.pull import DecodeSessions, RemoteDecoder, decode_lead
+from serve_app.graph.pull import OpenReaders, RemoteDecoder, decode_lead
 from serve_app.video.decode import iter_chunks
 from serve_app.video.probe import probe
-from serve_app.wire import VideoRef
+from serve_app.graph.wire import VideoRef
 from tests.videofactory import frame_index_of, make_video, truncate
 
 CF = 4  # frames per chunk
@@ -44,48 +44,48 @@ def check(pulled, index, full):
 
 def test_in_order_calls_reuse_one_reader_and_it_closes_after_the_last_chunk(clip, spool_dir):
     video, info, full = clip
-    sessions = DecodeSessions(CF)
-    pulled = [sessions.chunk(video, info, "job", i) for i in range(8)]
+    readers = OpenReaders(CF)
+    pulled = [readers.chunk(video, info, "job", i) for i in range(8)]
     for i, p in enumerate(pulled):
         check(p, i, full)
     assert [p.opened for p in pulled] == [True] + [False] * 7
     assert sum(p.wasted_frames for p in pulled) == 0
     assert len(pulled[-1].chunk) == 2
-    assert sessions.jobs() == [] and spool_dir() == []
+    assert readers.jobs() == [] and spool_dir() == []
 
 
 def test_a_replica_without_the_reader_decodes_up_to_the_chunk_and_keeps_going(clip):
     video, info, full = clip
-    sessions = DecodeSessions(CF)  # another replica served chunks 0-4
-    first = sessions.chunk(video, info, "job", 5)
+    readers = OpenReaders(CF)  # another replica served chunks 0-4
+    first = readers.chunk(video, info, "job", 5)
     check(first, 5, full)
     assert first.opened and first.wasted_frames == 5 * CF
-    after = sessions.chunk(video, info, "job", 6)
+    after = readers.chunk(video, info, "job", 6)
     check(after, 6, full)
     assert not after.opened and after.wasted_frames == 0
 
 
 def test_out_of_order_and_repeated_calls_are_still_right(clip):
     video, info, full = clip
-    sessions = DecodeSessions(CF, max_stash=2)
-    check(sessions.chunk(video, info, "job", 0), 0, full)
-    later = sessions.chunk(video, info, "job", 2)  # prefetch calls crossed: 2 came before 1
-    earlier = sessions.chunk(video, info, "job", 1)
+    readers = OpenReaders(CF, max_stash=2)
+    check(readers.chunk(video, info, "job", 0), 0, full)
+    later = readers.chunk(video, info, "job", 2)  # prefetch calls crossed: 2 came before 1
+    earlier = readers.chunk(video, info, "job", 1)
     check(later, 2, full), check(earlier, 1, full)
     assert not earlier.opened and later.wasted_frames == earlier.wasted_frames == 0
-    again = sessions.chunk(video, info, "job", 1)  # behind the reader: decoded on the side
+    again = readers.chunk(video, info, "job", 1)  # behind the reader: decoded on the side
     check(again, 1, full)
     assert again.opened
-    nxt = sessions.chunk(video, info, "job", 3)  # the reader stayed where it was
+    nxt = readers.chunk(video, info, "job", 3)  # the reader stayed where it was
     check(nxt, 3, full)
     assert not nxt.opened
 
 
 def test_a_gap_past_the_stash_skips_forward_and_counts_the_frames(clip):
     video, info, full = clip
-    sessions = DecodeSessions(CF, max_stash=1)
-    sessions.chunk(video, info, "job", 0)
-    far = sessions.chunk(video, info, "job", 4)  # chunks 1-3 went to another replica
+    readers = OpenReaders(CF, max_stash=1)
+    readers.chunk(video, info, "job", 0)
+    far = readers.chunk(video, info, "job", 4)  # chunks 1-3 went to another replica
     check(far, 4, full)
     assert not far.opened and far.wasted_frames == 3 * CF
 
@@ -93,52 +93,52 @@ def test_a_gap_past_the_stash_skips_forward_and_counts_the_frames(clip):
 def test_idle_readers_are_closed_and_a_late_call_is_still_served(clip, spool_dir):
     video, info, full = clip
     now = [0.0]
-    sessions = DecodeSessions(CF, idle_s=10, clock=lambda: now[0])
-    sessions.chunk(video, info, "gone", 0)
-    sessions.chunk(video, info, "alive", 0)
+    readers = OpenReaders(CF, idle_s=10, clock=lambda: now[0])
+    readers.chunk(video, info, "gone", 0)
+    readers.chunk(video, info, "alive", 0)
     now[0] = 8.0
-    sessions.chunk(video, info, "alive", 1)
+    readers.chunk(video, info, "alive", 1)
     now[0] = 12.0
-    sessions.sweep()
-    assert sessions.jobs() == ["alive"] and len(spool_dir()) == 1
-    late = sessions.chunk(video, info, "gone", 1)  # its tracker came back after all
+    readers.sweep()
+    assert readers.jobs() == ["alive"] and len(spool_dir()) == 1
+    late = readers.chunk(video, info, "gone", 1)  # its tracker came back after all
     check(late, 1, full)
     assert late.opened
 
 
 def test_the_reaper_closes_readers_whose_tracker_vanished(clip, spool_dir):
     video, info, _ = clip
-    sessions = DecodeSessions(CF, idle_s=0.2)
-    sessions.start_reaper(interval_s=0.05)
+    readers = OpenReaders(CF, idle_s=0.2)
+    readers.start_reaper(interval_s=0.05)
     try:
-        sessions.chunk(video, info, "job", 0)
-        assert sessions.jobs() == ["job"]
+        readers.chunk(video, info, "job", 0)
+        assert readers.jobs() == ["job"]
         deadline = time.monotonic() + 5
-        while (sessions.jobs() or spool_dir()) and time.monotonic() < deadline:
+        while (readers.jobs() or spool_dir()) and time.monotonic() < deadline:
             time.sleep(0.05)  # the reaper drops the job, then closes its reader
-        assert sessions.jobs() == [] and spool_dir() == []
+        assert readers.jobs() == [] and spool_dir() == []
     finally:
-        sessions.shutdown()
+        readers.shutdown()
 
 
 def test_least_recently_used_reader_is_evicted_past_capacity(clip, spool_dir):
     video, info, full = clip
-    sessions = DecodeSessions(CF, capacity=2)
+    readers = OpenReaders(CF, capacity=2)
     for job in ("a", "b", "c"):
-        sessions.chunk(video, info, job, 0)
-    assert sessions.jobs() == ["b", "c"] and len(spool_dir()) == 2
-    back = sessions.chunk(video, info, "a", 1)
+        readers.chunk(video, info, job, 0)
+    assert readers.jobs() == ["b", "c"] and len(spool_dir()) == 2
+    back = readers.chunk(video, info, "a", 1)
     check(back, 1, full)
-    assert back.opened and sessions.jobs() == ["c", "a"]
+    assert back.opened and readers.jobs() == ["c", "a"]
 
 
 def test_concurrent_calls_for_one_job_each_get_their_chunk(clip, spool_dir):
     video, info, full = clip
-    sessions = DecodeSessions(CF, max_stash=3)
+    readers = OpenReaders(CF, max_stash=3)
     got = {}
 
     def call(i):
-        got[i] = sessions.chunk(video, info, "job", i)
+        got[i] = readers.chunk(video, info, "job", i)
 
     for start in range(0, 8, 4):
         threads = [threading.Thread(target=call, args=(i,)) for i in range(start, start + 4)]
@@ -148,28 +148,28 @@ def test_concurrent_calls_for_one_job_each_get_their_chunk(clip, spool_dir):
             t.join()
     for i in range(8):
         check(got[i], i, full)
-    assert sessions.jobs() == [] and spool_dir() == []
+    assert readers.jobs() == [] and spool_dir() == []
 
 
 def test_bad_calls_raise_and_keep_nothing(clip, tmp_path, spool_dir):
     video, info, _ = clip
-    sessions = DecodeSessions(CF)
+    readers = OpenReaders(CF)
     with pytest.raises(ValueError, match="chunk 8 asked for; the video has 8"):
-        sessions.chunk(video, info, "job", 8)
+        readers.chunk(video, info, "job", 8)
     long = make_video(tmp_path / "long.mp4", width=128, height=96, num_frames=60, faststart=True)
     cut = VideoRef(data=truncate(long, tmp_path / "cut.mp4", keep=0.5).read_bytes())
     with pytest.raises(UnsupportedMedia):
-        sessions.chunk(cut, probe(long), "cut", 10)
-    assert sessions.jobs() == [] and spool_dir() == []
+        readers.chunk(cut, probe(long), "cut", 10)
+    assert readers.jobs() == [] and spool_dir() == []
 
 
 # -- the tracker's end ---------------------------------------------------------------------
 class InProcessDecoders:
-    """A test double for the Decoder deployment's handle: calls go to `replicas` DecodeSessions
+    """A test double for the Decoder deployment's handle: calls go to `replicas` OpenReaders
     in turn (no affinity at all), and are answered when the puller asks for the result."""
 
     def __init__(self, replicas: int = 1) -> None:
-        self.replicas = [DecodeSessions(CF) for _ in range(replicas)]
+        self.replicas = [OpenReaders(CF) for _ in range(replicas)]
         self.calls = 0
         self.in_flight = self.most_in_flight = 0
         self.closed: list[str] = []
@@ -216,21 +216,20 @@ class _Response:
 def test_the_tracker_gets_every_frame_with_few_chunks_in_flight(clip, replicas):
     video, info, full = clip
     decoders = InProcessDecoders(replicas)
-    report = {}
-    chunks = list(RemoteDecoder(decoders, CF, ahead=2).chunks(video, info, report))
+    frames = RemoteDecoder(decoders, CF, ahead=2).frames(video, info)
+    chunks = list(frames)
     assert np.array_equal(np.concatenate([c.frames for c in chunks]), full)
     assert [frame_index_of(f) for f in full] == list(range(N))
     assert decoders.most_in_flight <= 3 and decoders.calls == 8
-    assert report["decode_ms"] > 0 and report["decode_lead_chunks"] <= 3
-    assert report["decode_opens"] == replicas
+    assert frames.timings.decode_ms > 0 and frames.timings.decode_lead_chunks <= 3
+    assert frames.timings.decode_opens == replicas
     assert not decoders.closed
 
 
 def test_a_tracker_that_stops_early_frees_the_reader_and_cancels_its_calls(clip):
     video, info, _ = clip
     decoders = InProcessDecoders()
-    report = {}
-    chunks = RemoteDecoder(decoders, CF, ahead=2).chunks(video, info, report)
+    chunks = iter(RemoteDecoder(decoders, CF, ahead=2).frames(video, info))
     next(chunks), next(chunks)
     chunks.close()
     assert decoders.cancelled == 2 and decoders.in_flight == 0 and len(decoders.closed) == 1
@@ -245,26 +244,13 @@ def test_decode_lead_counts_chunks_decoded_and_not_yet_taken():
     assert decode_lead(decoded=[], taken=[]) == 0
 
 
-def test_in_process_the_tracker_still_reads_the_decoder_stage_directly(clip):
-    from serve_app.contract import JobConfig
-    from serve_app.stages import DecodeStage, TrackStage
-    from serve_app.trackers.fake import ColorShapeTracker
-    from serve_app.wire import PackedDetections, StageReport
-
-    video, info, _ = clip
-    out = list(TrackStage(ColorShapeTracker(), DecodeStage(CF)).track(video, info, JobConfig(prompt="red")))
-    assert [d.frame_index for d in out[:-1] if isinstance(d, PackedDetections)] == list(range(N))
-    report = out[-1]
-    assert isinstance(report, StageReport) and report.timings["decode_ms"] > 0 and "track_ms" in report.timings
-
-
 def test_a_reader_that_passed_chunks_asked_for_later_stays_open_until_they_are_served(clip, spool_dir):
     video, info, full = clip
-    sessions = DecodeSessions(CF, max_stash=2)
+    readers = OpenReaders(CF, max_stash=2)
     for i in range(6):
-        sessions.chunk(video, info, "job", i)
-    last = sessions.chunk(video, info, "job", 7)  # prefetch calls crossed at the end: 7 before 6
-    assert sessions.jobs() == ["job"]
-    six = sessions.chunk(video, info, "job", 6)
+        readers.chunk(video, info, "job", i)
+    last = readers.chunk(video, info, "job", 7)  # prefetch calls crossed at the end: 7 before 6
+    assert readers.jobs() == ["job"]
+    six = readers.chunk(video, info, "job", 6)
     check(last, 7, full), check(six, 6, full)
-    assert not six.opened and sessions.jobs() == [] and spool_dir() == []
+    assert not six.opened and readers.jobs() == [] and spool_dir() == []

@@ -6,8 +6,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from serve_app.errors import ModelError  # noqa: E402
-from serve_app.trackers.sam3.frames import FrameSource, to_model_input  # noqa: E402
-from serve_app.types import FrameChunk  # noqa: E402
+from serve_app.trackers.sam3.frames import LazyFrames, to_model_input  # noqa: E402
+from serve_app.media import FrameChunk  # noqa: E402
 
 H, W = 36, 64
 
@@ -34,7 +34,7 @@ class CountingDecoder:
 def test_frames_are_pulled_only_when_the_model_asks_for_them():
     frames = clip(12)
     decoder = CountingDecoder(frames)
-    source = FrameSource(12, decoder, "cpu", expected_size=(H, W))
+    source = LazyFrames(12, decoder, "cpu", expected_size=(H, W))
     assert len(source) == 12 and decoder.pulled == 0
     source[0]
     assert decoder.pulled == 1
@@ -61,7 +61,7 @@ def test_conversion_matches_sam3s_own_loader():
 
 def test_only_the_frames_in_use_are_held():
     frames = clip(20)
-    source = FrameSource(20, CountingDecoder(frames), "cpu")
+    source = LazyFrames(20, CountingDecoder(frames), "cpu")
     one_converted = to_model_input(frames[0], "cpu").untyped_storage().nbytes()
     for i in range(20):
         source[i]
@@ -75,23 +75,23 @@ def test_only_the_frames_in_use_are_held():
 
 
 def test_a_decoder_that_ends_early_is_a_model_error_naming_both_counts():
-    source = FrameSource(10, CountingDecoder(clip(4)), "cpu")
+    source = LazyFrames(10, CountingDecoder(clip(4)), "cpu")
     source[3]
     with pytest.raises(ModelError, match="ended after 4 frames; the probe counted 10"):
         source[4]
 
 
 def test_frames_of_the_wrong_size_or_type_are_refused():
-    wrong = FrameSource(3, CountingDecoder(clip(3)), "cpu", expected_size=(H + 2, W))
+    wrong = LazyFrames(3, CountingDecoder(clip(3)), "cpu", expected_size=(H + 2, W))
     with pytest.raises(ModelError, match=f"{W}x{H} frames where {W}x{H + 2}"):
         wrong[0]
-    grey = FrameSource(1, lambda: FrameChunk(0, np.zeros((1, H, W), np.uint8)), "cpu")
+    grey = LazyFrames(1, lambda: FrameChunk(0, np.zeros((1, H, W), np.uint8)), "cpu")
     with pytest.raises(ModelError, match="uint8 RGB"):
         grey[0]
 
 
 def test_indices_outside_the_video_are_index_errors():
-    source = FrameSource(3, CountingDecoder(clip(3)), "cpu")
+    source = LazyFrames(3, CountingDecoder(clip(3)), "cpu")
     with pytest.raises(IndexError):
         source[3]
     assert source[np.int64(2)].shape == (3, 1008, 1008)  # sam3 indexes with numpy/tensor ints too

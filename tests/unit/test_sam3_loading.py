@@ -58,8 +58,8 @@ def test_the_error_survives_pickling():
     assert type(back) is ModelUnavailable and str(back) == str(info.value)
 
 
-def test_random_weights_need_no_configuration():
-    assert resolve_weights(None, random_weights=True, env={}).random
+def test_random_weights_need_no_file_and_no_network():
+    assert loading.checkpoint_path(WeightsSource(random=True)) is None
 
 
 def test_a_failed_hub_download_names_the_token_and_the_other_way(monkeypatch):
@@ -91,23 +91,27 @@ def test_device_defaults_to_what_is_present_and_refuses_what_is_not():
             loading.pick_device("cuda")
 
 
-def test_the_tracker_fails_at_construction_without_weights(monkeypatch):
-    from serve_app.trackers import SAM3_TRACKER, load_tracker
+def test_the_tracker_fails_at_construction_and_in_preflight_without_weights(monkeypatch):
+    from serve_app.trackers import tracker_config
 
     for name in ("SAM3_CHECKPOINT", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
         monkeypatch.delenv(name, raising=False)
+    config = tracker_config("sam3")
     with pytest.raises(ModelUnavailable, match="SAM3_CHECKPOINT.*HF_TOKEN"):
-        load_tracker(SAM3_TRACKER)
+        config.preflight()
+    with pytest.raises(ModelUnavailable, match="SAM3_CHECKPOINT.*HF_TOKEN"):
+        config.build()
 
 
 def test_compile_without_cuda_is_refused_before_building():
     torch = pytest.importorskip("torch")
     if torch.cuda.is_available():
         pytest.skip("CUDA is present")
-    from serve_app.trackers.sam3 import Sam3Tracker
+    from serve_app.trackers.sam3.config import Sam3Config
+    from benchmarks.instrumented import InstrumentedSam3Tracker
 
     with pytest.raises(ModelUnavailable, match="compile=True needs CUDA"):
-        Sam3Tracker(random_weights=True, device="cpu", compile=True)
+        InstrumentedSam3Tracker(Sam3Config(device="cpu", compile=True), random_weights=True)
 
 
 def test_model_overrides_set_nested_attributes_and_refuse_unknown_ones():
@@ -124,9 +128,12 @@ def test_model_overrides_set_nested_attributes_and_refuse_unknown_ones():
 
 
 def test_warm_sizes_are_validated_and_deduplicated():
-    from serve_app.trackers.sam3.tracker import DEFAULT_WARM_SIZES, _sizes
+    from pydantic import ValidationError
 
-    assert _sizes([*DEFAULT_WARM_SIZES, [1920, 1080], (832, 480)]) == ((832, 480), (1280, 720), (1920, 1080))
-    for bad in ([1920], [0, 10], ["1920", "1080"], [1920.0, 1080]):
-        with pytest.raises(ValueError, match="width, height"):
-            _sizes([bad])
+    from serve_app.trackers.sam3.config import Sam3Config
+
+    config = Sam3Config(warm_sizes=[[1920, 1080], (832, 480)])
+    assert config.all_warm_sizes == ((832, 480), (1280, 720), (1920, 1080))
+    for bad in ([1920], [0, 10], ["wide", "1080"], [1920.5, 1080], [9000, 10]):
+        with pytest.raises(ValidationError, match="warm_sizes"):
+            Sam3Config(warm_sizes=[bad])

@@ -16,9 +16,8 @@ import pytest
 
 from serve_app import synthetic as S
 from serve_app.contract import JobConfig
-from serve_app.stages import DecodeStage, TrackStage
-from serve_app.types import FrameChunk, VideoInfo
-from serve_app.wire import StageReport, VideoRef
+from serve_app.media import FrameChunk, VideoInfo
+from serve_app.pipeline import LocalFrames, track
 
 torch = pytest.importorskip("torch")
 
@@ -36,11 +35,12 @@ W, H = 192, 108
 
 @pytest.fixture(scope="module")
 def tracker():
-    from serve_app.trackers.sam3 import Sam3Tracker
+    from serve_app.trackers.sam3.config import Sam3Config
+    from benchmarks.instrumented import InstrumentedSam3Tracker
 
     torch.manual_seed(0)  # random weights, but the same ones every run
-    t = Sam3Tracker(device="cpu", compile=False, random_weights=True, model_overrides=TEST_OVERRIDES,
-                    measure=True)
+    t = InstrumentedSam3Tracker(Sam3Config(device="cpu", compile=False, model_overrides=TEST_OVERRIDES),
+                                random_weights=True)
     yield t
     t.close()
 
@@ -51,22 +51,21 @@ def clip(tmp_path_factory):
 
     path = tmp_path_factory.mktemp("sam3") / "two_frames.mp4"
     S.write_clip(path, W, H, num_frames=2, fps=25)
-    return path.read_bytes(), probe(path)
+    return path, probe(path)
 
 
 def test_a_clip_through_the_request_path_from_other_threads(tracker, clip):
     """Two requests at once, each on its own thread (neither built the model), through the
-    tracker deployment's code path: decoder stage -> SAM 3 -> threshold -> packed detections."""
-    data, info = clip
-    stage = TrackStage(tracker, DecodeStage(chunk_frames=1))
+    tracker deployment's code path: decoded frames -> SAM 3 -> threshold -> batches."""
+    path, info = clip
     results, reports, errors = {}, {}, []
 
     def request(threshold):
         try:
             config = JobConfig(prompt="coloured shapes", confidence_threshold=threshold)
-            out = list(stage.track(VideoRef(data=data), info, config))
-            reports[threshold] = out[-1]
-            results[threshold] = [p.unpack() for p in out[:-1]]
+            batches = list(track(tracker, LocalFrames(path, info, chunk_frames=1), info, config))
+            reports[threshold] = batches[-1].timings
+            results[threshold] = [d for b in batches for d in b.detections]
         except BaseException as exc:  # surfaced below, with the thread's traceback
             errors.append(exc)
 
@@ -84,8 +83,7 @@ def test_a_clip_through_the_request_path_from_other_threads(tracker, clip):
             assert d.obj_ids.dtype == np.int64 and d.boxes_xywh.shape == (len(d), 4)
             assert np.all((d.boxes_xywh >= 0) & (d.boxes_xywh <= 1))
             assert np.all(d.scores >= threshold)
-        assert isinstance(reports[threshold], StageReport)
-        assert reports[threshold].timings["track_ms"] > 0 and "decode_ms" in reports[threshold].timings
+        assert reports[threshold].track_ms > 0 and reports[threshold].decode_ms > 0
 
     everything = [(d.frame_index, int(i), float(s)) for d in results[0.0] for i, s in zip(d.obj_ids, d.scores)]
     assert everything, "the random-weight model proposed no object; the threshold check needs one"
@@ -128,11 +126,12 @@ def test_warm_up_runs_the_full_path_at_each_size(tracker, caplog):
 @pytest.mark.gpu
 def test_compiled_on_cuda_warm_up_and_flat_gpu_memory():
     """On a GPU: compile + warm-up at start, then peak GPU memory does not grow with length."""
-    from serve_app.trackers.sam3 import Sam3Tracker
+    from serve_app.trackers.sam3.config import Sam3Config
+    from benchmarks.instrumented import InstrumentedSam3Tracker
 
     torch.manual_seed(0)
-    t = Sam3Tracker(device="cuda", compile=True, random_weights=True, warm_sizes=[(W, H)],
-                    model_overrides=TEST_OVERRIDES)
+    t = InstrumentedSam3Tracker(Sam3Config(device="cuda", compile=True, warm_sizes=[(W, H)],
+                                           model_overrides=TEST_OVERRIDES), random_weights=True)
     try:
         peaks = []
         for n in (8, 16):

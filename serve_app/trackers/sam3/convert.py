@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from serve_app.errors import ModelError
-from serve_app.types import Detections
+from serve_app.media import Detections
 
 
 def _array(value: Any) -> np.ndarray:

@@ -16,7 +16,7 @@ from collections.abc import Callable
 import numpy as np
 
 from serve_app.errors import ModelError
-from serve_app.types import FrameChunk
+from serve_app.media import FrameChunk
 
 IMAGE_SIZE = 1008
 MEAN = (0.5, 0.5, 0.5)  # sam3_video_inference.py:36-37, the model's own normalisation
@@ -43,7 +43,7 @@ def to_model_input(frame: np.ndarray, device, image_size: int = IMAGE_SIZE):
     return ((x - mean) / std)[0]
 
 
-class FrameSource:
+class LazyFrames:
     """`len()` and `[i]` over a video arriving as chunks from `pull` (None: the stream ended).
 
     `pull` is called on the model's thread and may block (it waits for the decoder) or raise

@@ -1,6 +1,6 @@
 """Where SAM 3's weights, vocabulary and device come from, and building the model.
 
-Weights, in order: the `checkpoint` option (the app's `checkpoint` argument), the
+Weights, in order: the sam3 tracker config's `checkpoint` field, the
 SAM3_CHECKPOINT environment variable, else the gated hub repo facebook/sam3 with the user's
 HF_TOKEN. With none of them the replica fails at start with one message naming both ways.
 """
@@ -25,15 +25,16 @@ TOKEN_ENVS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 
 NO_WEIGHTS = (
     "no SAM 3 weights configured. Either download sam3.pt from the gated hub repo "
-    f"{HUB_REPO} and set {CHECKPOINT_ENV}=/path/to/sam3.pt (or the app's `checkpoint` "
-    f"argument), or set HF_TOKEN to a Hugging Face token that has been granted access to "
+    f"{HUB_REPO} and set {CHECKPOINT_ENV}=/path/to/sam3.pt (or the sam3 tracker's "
+    f"`checkpoint` field), or set HF_TOKEN to a Hugging Face token that has been granted access to "
     f"{HUB_REPO} so the tracker downloads it at start."
 )
 
 
 @dataclass(frozen=True)
 class WeightsSource:
-    """A local checkpoint (`path`), the hub (`hub_token`), or neither (`random`, tests only)."""
+    """A local checkpoint (`path`), the hub (`hub_token`), or neither (`random`: tests and
+    benchmarks, through benchmarks/instrumented.py)."""
 
     path: str | None = None
     hub_token: str | None = None
@@ -47,12 +48,9 @@ class WeightsSource:
         return "random weights (architecture only; outputs are meaningless)"
 
 
-def resolve_weights(checkpoint: str | None = None, random_weights: bool = False,
-                    env: Mapping[str, str] | None = None) -> WeightsSource:
+def resolve_weights(checkpoint: str | None = None, env: Mapping[str, str] | None = None) -> WeightsSource:
     """Pick the weights without touching the network. Raises ModelUnavailable naming both ways."""
     env = os.environ if env is None else env
-    if random_weights:
-        return WeightsSource(random=True)
     for path, where in ((checkpoint, "the checkpoint option"), (env.get(CHECKPOINT_ENV), CHECKPOINT_ENV)):
         if path:
             path = os.path.expanduser(path)

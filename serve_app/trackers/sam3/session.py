@@ -17,7 +17,7 @@ shorter than the delay comes out all at its end.
 
 The session state is built here rather than by `model.init_state`, which wants a file path
 and decodes the whole video onto the device; `_new_state` mirrors it
-(sam3_video_inference.py:54-88 and 113-177) with two lazy parts: the frames (FrameSource)
+(sam3_video_inference.py:54-88 and 113-177) with two lazy parts: the frames (LazyFrames)
 and the per-frame detector queries (one FindStage per frame, made on demand instead of
 num_frames small device tensors allocated up front).
 """
@@ -31,7 +31,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from serve_app.trackers.sam3 import compat
-from serve_app.trackers.sam3.frames import FrameSource
+from serve_app.trackers.sam3.frames import LazyFrames
 from serve_app.trackers.sam3.trim import trim_session
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ class _Stages(Sequence):
         return dataclasses.replace(self._template, img_ids=torch.tensor([t], dtype=torch.long, device=self._device))
 
 
-def _new_state(model, frames: FrameSource, num_frames: int, height: int, width: int) -> dict:
+def _new_state(model, frames: LazyFrames, num_frames: int, height: int, width: int) -> dict:
     import torch
     from sam3.model.data_misc import BatchedDatapoint
     from sam3.model.geometry_encoders import Prompt
@@ -124,7 +124,7 @@ def _new_state(model, frames: FrameSource, num_frames: int, height: int, width: 
 class Session:
     """A SAM 3 inference session over one video. Created, run and closed on the model thread."""
 
-    def __init__(self, model, frames: FrameSource, num_frames: int, height: int, width: int,
+    def __init__(self, model, frames: LazyFrames, num_frames: int, height: int, width: int,
                  trim: bool = True) -> None:
         self.model = model
         self.frames = frames

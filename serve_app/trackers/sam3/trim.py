@@ -163,7 +163,7 @@ def held_bytes(root: Any) -> int:
             stack.extend(obj.values())
         elif isinstance(obj, (list, tuple, set, frozenset)):
             stack.extend(obj)
-        elif hasattr(obj, "nbytes") and not isinstance(obj, type):  # a FrameSource
+        elif hasattr(obj, "nbytes") and not isinstance(obj, type):  # a LazyFrames
             total += int(obj.nbytes)
         elif dataclasses.is_dataclass(obj) or hasattr(obj, "__dict__"):
             if isinstance(obj, torch.nn.Module):

@@ -6,9 +6,9 @@ replica starts one `ModelWorker` thread that builds the model and then runs task
 bounded queue, one at a time; a request finding the queue full is refused (Overloaded)
 rather than queued without bound.
 
-A tracking task talks to the request's thread through a `Job`: the model thread asks for
-frames (`Job.pull`, which blocks until the request's thread has read the next chunk from its
-input) and sends back one result per frame (`Job.emit`). The request's thread does all the
+A tracking task talks to the request's thread through a `Feed`: the model thread asks for
+frames (`Feed.pull`, which blocks until the request's thread has read the next chunk from its
+input) and sends back one result per frame (`Feed.emit`). The request's thread does all the
 reading of its input, so a decoder stream is only ever iterated by the thread that owns it,
 and frames are read only as fast as the model consumes them. Cancelling a job (the client
 went away) makes the model thread stop at its next frame boundary: the next `pull` or
@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from serve_app.errors import ModelError, ModelUnavailable, Overloaded, ServiceError
-from serve_app.types import FrameChunk
+from serve_app.media import FrameChunk
 
 log = logging.getLogger(__name__)
 
@@ -39,14 +39,14 @@ _CANCEL = object()       # request -> model: stop
 _STOP = object()         # shut the worker down
 
 
-class Job:
-    """The two queues between one request's thread and the model thread."""
+class Feed:
+    """One tracking task's two queues, between its request's thread and the model thread."""
 
     def __init__(self) -> None:
         self.to_request: queue.Queue = queue.Queue()  # NEED_FRAMES | result | DONE | BaseException
         self.to_model: queue.Queue = queue.Queue()    # FrameChunk | None (input ended) | _CANCEL
         self.cancelled = threading.Event()
-        self.finished = threading.Event()             # the model thread is done with this job
+        self.finished = threading.Event()             # the model thread is done with this feed
         self._lock = threading.Lock()
         self._started = False
 
@@ -82,8 +82,8 @@ class Job:
 
 
 class _Task:
-    def __init__(self, fn: Callable[[Any], Any], job: Job | None) -> None:
-        self.fn, self.job = fn, job
+    def __init__(self, fn: Callable[[Any], Any], feed: Feed | None) -> None:
+        self.fn, self.feed = fn, feed
         self.done = threading.Event()
         self.result: Any = None
         self.error: BaseException | None = None
@@ -124,24 +124,24 @@ class ModelWorker:
             if task is _STOP:
                 return
             try:
-                if task.job is not None and not task.job.start():
+                if task.feed is not None and not task.feed.start():
                     raise Cancelled()
                 task.result = task.fn(self.model)
             except Cancelled:
                 pass
             except BaseException as exc:
                 task.error = exc
-                if task.job is not None:
-                    task.job.emit(exc)
+                if task.feed is not None:
+                    task.feed.emit(exc)
             finally:
                 task.done.set()
-                if task.job is not None:
-                    task.job.finished.set()
+                if task.feed is not None:
+                    task.feed.finished.set()
 
-    def submit(self, fn: Callable[[Any], Any], job: Job | None = None) -> _Task:
+    def submit(self, fn: Callable[[Any], Any], feed: Feed | None = None) -> _Task:
         """Queue `fn(model)` to run on the model thread; refuse if the queue is full."""
         self.check()
-        task = _Task(fn, job)
+        task = _Task(fn, feed)
         try:
             self._tasks.put_nowait(task)
         except queue.Full:
@@ -165,32 +165,27 @@ class ModelWorker:
             self.model = None  # the weights go with the thread
 
 
-def stream(worker: ModelWorker, fn: Callable[[Any, Job], None], chunks: Iterable[FrameChunk]) -> Iterator[Any]:
-    """Run `fn(model, job)` on the model thread, feeding it `chunks` as it pulls them and
+def stream(worker: ModelWorker, fn: Callable[[Any, Feed], None], chunks: Iterable[FrameChunk]) -> Iterator[Any]:
+    """Run `fn(model, feed)` on the model thread, feeding it `chunks` as it pulls them and
     yielding what it emits, until it emits DONE. Runs on the request's thread.
 
     Closing the generator (or an error from `chunks`) cancels the job; if the model thread had
     started it, this waits until `fn` has returned, so its resources are released by then.
     Errors raised by `fn` arrive here as ModelError (or as the ServiceError they were).
     """
-    job = Job()
-    worker.submit(lambda model: fn(model, job), job)
+    feed = Feed()
+    worker.submit(lambda model: fn(model, feed), feed)
     source = iter(chunks)
     try:
         while True:
             try:
-                message = job.to_request.get(timeout=1.0)
+                message = feed.to_request.get(timeout=1.0)
             except queue.Empty:
                 worker.check()
                 continue
             if message is NEED_FRAMES:
-                job.to_model.put(next(source, None))
+                feed.to_model.put(next(source, None))
             elif message is DONE:
-                # Read the input to its end: the model never asks past the last frame, but the
-                # decoder's stream ends with its timing report and must be allowed to finish.
-                for extra in source:
-                    if len(extra):
-                        raise ModelError(f"the decoder sent frames from {extra.start} on; the probe counted fewer")
                 return
             elif isinstance(message, BaseException):
                 if isinstance(message, ServiceError):
@@ -199,5 +194,5 @@ def stream(worker: ModelWorker, fn: Callable[[Any, Job], None], chunks: Iterable
             else:
                 yield message
     finally:
-        if job.cancel():
-            job.finished.wait()
+        if feed.cancel():
+            feed.finished.wait()

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+from serve_app.contract import size
 from serve_app.errors import InvalidJob, UploadTooLarge
 
 JOB_PART_LIMIT = 64 * 1024
@@ -23,49 +24,52 @@ MULTIPART_SLACK = 64 * 1024  # part headers and the job JSON beside a video at t
 @dataclass
 class Upload:
     path: str           # the video, on local disk; the caller removes it
-    size: int
     job: Any = None     # the decoded `job` part (multipart only)
 
 
-MB = 1024 * 1024  # the limits are binary megabytes: the 100 MB default is 100 * 2**20 bytes
-
-
-def _mb(n: int) -> str:
-    if n < MB:
-        return f"{n / 1024:.0f} KB" if n >= 1024 else f"{n} bytes"
-    return f"{n / MB:.1f}".removesuffix(".0") + " MB"
-
-
-def _too_large(size: int, limit: int) -> UploadTooLarge:
-    return UploadTooLarge(f"video is over the limit of {_mb(limit)}; reading stopped at {_mb(size)}")
+def _too_large(nbytes: int, limit: int) -> UploadTooLarge:
+    return UploadTooLarge(f"video is over the limit of {size(limit)}; reading stopped at {size(nbytes)}")
 
 
 def check_content_length(header: str | None, limit: int, slack: int = 0) -> None:
     """Refuse a declared body over the video limit (plus `slack` for multipart framing) before
     reading any of it."""
-    if header and header.isdigit():
-        check_size(int(header), limit, slack)
+    if header and header.isdigit() and int(header) > limit + slack:
+        raise UploadTooLarge(f"upload is {size(int(header))}; the limit is {size(limit)}")
 
 
-def check_size(size: int, limit: int, slack: int = 0) -> None:
-    if size > limit + slack:
-        raise UploadTooLarge(f"upload is {_mb(size)}; the limit is {_mb(limit)}")
+class _Spool:
+    """The upload's bytes in a temporary file, counted against `limit` as they come. The file
+    is removed on leaving the block, whatever failed, unless `keep()` handed it over."""
+
+    def __init__(self, limit: int) -> None:
+        fd, self.path = tempfile.mkstemp(suffix=".mp4")
+        self.file, self.size, self.limit, self.kept = os.fdopen(fd, "wb"), 0, limit, False
+
+    def write(self, data: bytes) -> None:
+        self.size += len(data)
+        if self.size > self.limit:
+            raise _too_large(self.size, self.limit)
+        self.file.write(data)
+
+    def keep(self, job: Any = None) -> Upload:
+        self.kept = True
+        return Upload(path=self.path, job=job)
+
+    def __enter__(self) -> "_Spool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.file.close()
+        if not self.kept:
+            os.unlink(self.path)
 
 
 async def read_raw(stream: AsyncIterator[bytes], limit: int) -> Upload:
-    fd, path = tempfile.mkstemp(suffix=".mp4")
-    size = 0
-    try:
-        with os.fdopen(fd, "wb") as out:
-            async for chunk in stream:
-                size += len(chunk)
-                if size > limit:
-                    raise _too_large(size, limit)
-                out.write(chunk)
-    except BaseException:
-        os.unlink(path)
-        raise
-    return Upload(path=path, size=size)
+    with _Spool(limit) as video:
+        async for chunk in stream:
+            video.write(chunk)
+        return video.keep()
 
 
 async def read_multipart(stream: AsyncIterator[bytes], content_type: str, limit: int) -> Upload:
@@ -75,12 +79,8 @@ async def read_multipart(stream: AsyncIterator[bytes], content_type: str, limit:
     boundary = params.get(b"boundary")
     if ctype != b"multipart/form-data" or not boundary:
         raise InvalidJob("body must be multipart/form-data with a 'job' part and an 'input' part")
-
-    fd, path = tempfile.mkstemp(suffix=".mp4")
-    video = os.fdopen(fd, "wb")
     state: dict[str, Any] = {"name": None, "header": b"", "value": b"", "headers": {}, "inputs": 0}
     job_bytes = bytearray()
-    video_size = 0
 
     def on_header_field(data, start, end):
         state["header"] += data[start:end]
@@ -101,32 +101,28 @@ async def read_multipart(stream: AsyncIterator[bytes], content_type: str, limit:
             if state["inputs"] > 1:
                 raise InvalidJob("job has more than one 'input' part; send one video")
 
-    def on_part_data(data, start, end):
-        nonlocal video_size
-        if state["name"] == "input":
-            video_size += end - start
-            if video_size > limit:
-                raise _too_large(video_size, limit)
-            video.write(data[start:end])
-        elif state["name"] == "job":
-            job_bytes.extend(data[start:end])
-            if len(job_bytes) > JOB_PART_LIMIT:
-                raise InvalidJob(f"job part is over {JOB_PART_LIMIT // 1024} KB")
+    with _Spool(limit) as video:
 
-    parser = MultipartParser(boundary, {
-        "on_header_field": on_header_field, "on_header_value": on_header_value,
-        "on_header_end": on_header_end, "on_headers_finished": on_headers_finished,
-        "on_part_data": on_part_data,
-    })
-    total = 0
-    try:
-        with video:
-            async for chunk in stream:
-                total += len(chunk)
-                if total > limit + MULTIPART_SLACK:
-                    raise _too_large(total, limit)
-                parser.write(chunk)
-            parser.finalize()
+        def on_part_data(data, start, end):
+            if state["name"] == "input":
+                video.write(data[start:end])
+            elif state["name"] == "job":
+                job_bytes.extend(data[start:end])
+                if len(job_bytes) > JOB_PART_LIMIT:
+                    raise InvalidJob(f"job part is over {JOB_PART_LIMIT // 1024} KB")
+
+        parser = MultipartParser(boundary, {
+            "on_header_field": on_header_field, "on_header_value": on_header_value,
+            "on_header_end": on_header_end, "on_headers_finished": on_headers_finished,
+            "on_part_data": on_part_data,
+        })
+        total = 0
+        async for chunk in stream:
+            total += len(chunk)
+            if total > limit + MULTIPART_SLACK:
+                raise _too_large(total, limit)
+            parser.write(chunk)
+        parser.finalize()
         if state["inputs"] == 0:
             raise InvalidJob("job has no 'input' part; send the mp4 as a part named 'input'")
         if not job_bytes:
@@ -135,7 +131,4 @@ async def read_multipart(stream: AsyncIterator[bytes], content_type: str, limit:
             job = json.loads(job_bytes)
         except (ValueError, UnicodeDecodeError) as exc:
             raise InvalidJob(f"job part is not valid JSON ({exc})") from None
-    except BaseException:
-        os.unlink(path)
-        raise
-    return Upload(path=path, size=video_size, job=job)
+        return video.keep(job)

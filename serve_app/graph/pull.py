@@ -1,21 +1,12 @@
-"""Frames travel decoder -> tracker by pull: the tracker asks for chunk k, a few chunks ahead.
+"""Frames travel decoder -> tracker by pull: the tracker asks for chunk k, a few chunks ahead
+(docs/design.md: Serve streams have no backpressure).
 
-Ray Serve streams have no backpressure (Ray core's generator backpressure is not exposed), so a
-streaming decoder ran ahead of a 20 ms/frame tracker without bound: 300 frames decoded in
-0.5 s, tracked in 6.6 s, every decoded chunk waiting in the object store meanwhile (a
-10-minute 1080p video would pile ~100 GB there). Pulling keeps the frames decoded for one job
-within `ahead + 1` chunks whatever the video's length.
-
-- Decoder side, `DecodeSessions`: each replica keeps one open reader per job, positioned at
-  the next chunk, so in-order calls cost one chunk's decode. Serve's model multiplexing (the
-  job id as model id) routes a job's calls to the replica holding its reader, but nothing
-  depends on it: a replica without the job's reader opens the video and decodes forward,
-  skipping frames without converting them, and returns the same chunk.
-- Tracker side, `RemoteDecoder.chunks`: at most `ahead` requests beyond the chunk the tracker
-  is on; each chunk's decode time comes back with it and is summed into the job's timings.
-
-The cost of a call that finds no reader: decoding the video from frame 0 to the chunk (frames
-before it are not converted to RGB), once per replica the job's calls reach.
+- Decoder side, `OpenReaders`: each replica keeps one open reader per job, positioned at the
+  next chunk, so in-order calls cost one chunk's decode. Nothing depends on routing: a replica
+  without the job's reader opens the video and decodes forward to the chunk, skipping frames
+  without converting them.
+- Tracker side, `RemoteDecoder.frames()`: a FrameSource (serve_app/pipeline.py) that keeps at
+  most `ahead` calls in flight beyond the chunk the tracker is on.
 """
 
 from __future__ import annotations
@@ -31,16 +22,17 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from serve_app.errors import ModelError
-from serve_app.types import FrameChunk, VideoInfo
-from serve_app.wire import PulledChunk, VideoRef, spooled
+from serve_app.graph.wire import PulledChunk, VideoRef, spooled
+from serve_app.media import FrameChunk, VideoInfo
+from serve_app.pipeline import StageTimings
 
 
 def num_chunks(info: VideoInfo, chunk_frames: int) -> int:
     return -(-info.num_frames // chunk_frames)
 
 
-class _Session:
-    """One job's open reader. Every method but `close` runs with `lock` held."""
+class _OpenVideo:
+    """One job's video, open at the next chunk. Every method but `close` runs with `lock` held."""
 
     def __init__(self, video: VideoRef, info: VideoInfo, chunk_frames: int, max_stash: int) -> None:
         self.lock = threading.Lock()
@@ -102,7 +94,7 @@ class _Session:
             self.files.close()
 
 
-class DecodeSessions:
+class OpenReaders:
     """The open readers of one decoder replica, by job id: at most `capacity` (least recently
     used closed first), each closed after its last chunk or `idle_s` without a call."""
 
@@ -111,67 +103,67 @@ class DecodeSessions:
         self.chunk_frames, self.capacity, self.idle_s, self.max_stash = chunk_frames, capacity, idle_s, max_stash
         self.clock = clock
         self._lock = threading.Lock()
-        self._sessions: OrderedDict[str, _Session] = OrderedDict()
+        self._readers: OrderedDict[str, _OpenVideo] = OrderedDict()
         self._stop = threading.Event()
 
     def chunk(self, video: VideoRef, info: VideoInfo, job_id: str, index: int) -> PulledChunk:
         """Frames [index * chunk_frames, ...) of the video (the last chunk shorter)."""
         if not 0 <= index < num_chunks(info, self.chunk_frames):
             raise ValueError(f"chunk {index} asked for; the video has {num_chunks(info, self.chunk_frames)}")
-        session = self._session(video, info, job_id)
+        entry = self._open(video, info, job_id)
         try:
-            with session.lock:  # not timed while waiting here: that is another call's decoding
+            with entry.lock:  # not timed while waiting here: that is another call's decoding
                 start = time.perf_counter()
-                session.last_used = self.clock()
-                chunk, wasted, opened = session.serve(index)
-                session.last_used = self.clock()
+                entry.last_used = self.clock()
+                chunk, wasted, opened = entry.serve(index)
+                entry.last_used = self.clock()
                 busy = time.perf_counter() - start
-                done = session.done()
+                done = entry.done()
         except BaseException:
-            self.close(job_id, session)  # a damaged file fails each call alike; nothing to keep
+            self.close(job_id, entry)  # a damaged file fails each call alike; nothing to keep
             raise
         if done:
-            self.close(job_id, session)
+            self.close(job_id, entry)
         return PulledChunk(chunk, busy * 1e3, time.time(), wasted, opened)
 
-    def _session(self, video: VideoRef, info: VideoInfo, job_id: str) -> _Session:
+    def _open(self, video: VideoRef, info: VideoInfo, job_id: str) -> _OpenVideo:
         with self._lock:
-            session = self._sessions.get(job_id)
-            if session is None:
-                session = self._sessions[job_id] = _Session(video, info, self.chunk_frames, self.max_stash)
-            session.last_used = self.clock()  # not idle: it must not expire below
-            self._sessions.move_to_end(job_id)
+            entry = self._readers.get(job_id)
+            if entry is None:
+                entry = self._readers[job_id] = _OpenVideo(video, info, self.chunk_frames, self.max_stash)
+            entry.last_used = self.clock()  # not idle: it must not expire below
+            self._readers.move_to_end(job_id)
             gone = self._expired_locked()
-            while len(self._sessions) > self.capacity:
-                gone.append(self._sessions.popitem(last=False)[1])
+            while len(self._readers) > self.capacity:
+                gone.append(self._readers.popitem(last=False)[1])
         for old in gone:
             old.close()  # outside the cache lock: waits for a call in progress on it
-        return session
+        return entry
 
-    def _expired_locked(self) -> list[_Session]:
+    def _expired_locked(self) -> list[_OpenVideo]:
         now = self.clock()
-        expired = [job for job, s in self._sessions.items() if now - s.last_used > self.idle_s]
-        return [self._sessions.pop(job) for job in expired]
+        expired = [job for job, s in self._readers.items() if now - s.last_used > self.idle_s]
+        return [self._readers.pop(job) for job in expired]
 
-    def close(self, job_id: str, session: _Session | None = None) -> None:
-        """Closes `job_id`'s reader (only if it is still `session`, when given)."""
+    def close(self, job_id: str, entry: _OpenVideo | None = None) -> None:
+        """Closes `job_id`'s video (only if it is still `entry`, when given)."""
         with self._lock:
-            current = self._sessions.get(job_id)
-            if current is None or (session is not None and current is not session):
+            current = self._readers.get(job_id)
+            if current is None or (entry is not None and current is not entry):
                 return
-            del self._sessions[job_id]
+            del self._readers[job_id]
         current.close()
 
     def sweep(self) -> None:
         """Closes the readers idle for longer than `idle_s`: their trackers are gone."""
         with self._lock:
             gone = self._expired_locked()
-        for session in gone:
-            session.close()
+        for entry in gone:
+            entry.close()
 
     def jobs(self) -> list[str]:
         with self._lock:
-            return list(self._sessions)
+            return list(self._readers)
 
     def start_reaper(self, interval_s: float | None = None) -> None:
         interval = interval_s or max(self.idle_s / 4, 0.05)
@@ -185,9 +177,9 @@ class DecodeSessions:
     def shutdown(self) -> None:
         self._stop.set()
         with self._lock:
-            gone, self._sessions = list(self._sessions.values()), OrderedDict()
-        for session in gone:
-            session.close()
+            gone, self._readers = list(self._readers.values()), OrderedDict()
+        for entry in gone:
+            entry.close()
 
 
 @dataclass
@@ -198,40 +190,44 @@ class RemoteDecoder:
     chunk_frames: int = 16
     ahead: int = 2
 
-    def chunks(self, video: VideoRef, info: VideoInfo, report: dict[str, float]) -> Iterator[FrameChunk]:
-        """The video's chunks in order; while the tracker works on chunk i, chunks up to
-        i + `ahead` are asked for. Fills `report`: decode_ms (summed over the calls),
-        decode_wait_ms (the tracker waiting for chunks), decode_lead_chunks (`decode_lead`),
-        decode_opens (1 when every call found the job's reader in place) and
-        decode_wasted_frames (frames decoded and never used: routing sent calls elsewhere)."""
+    def frames(self, video: VideoRef, info: VideoInfo) -> "PulledFrames":
+        return PulledFrames(self, video, info)
+
+
+class PulledFrames:
+    """One job's chunks from the Decoder deployment, in order: while the tracker works on chunk
+    i, chunks up to i + `ahead` are asked for. `timings` sums each call's decode time and counts
+    how the pull went (StageTimings.decode_*)."""
+
+    def __init__(self, remote: RemoteDecoder, video: VideoRef, info: VideoInfo) -> None:
+        self.remote, self.video, self.info = remote, video, info
+        self.timings = StageTimings()
+
+    def __iter__(self) -> Iterator[FrameChunk]:
         job_id = uuid.uuid4().hex
         # The job id as multiplexed model id: Serve prefers the replica that holds its reader.
-        decoder = self.handle.options(multiplexed_model_id=job_id)
+        decoder = self.remote.handle.options(multiplexed_model_id=job_id)
         # Decoding needs no timestamps; 18,000 of them would travel with every call (~90 KB).
-        sent = replace(info, pts=())
-        total = num_chunks(info, self.chunk_frames)
+        sent = replace(self.info, pts=())
+        total, ahead = num_chunks(self.info, self.remote.chunk_frames), self.remote.ahead
         pending: deque = deque()
         issued = 0
         decoded: list[float] = []
         taken: list[float] = []
-        report.update(decode_ms=0.0, decode_wait_ms=0.0, decode_wasted_frames=0, decode_opens=0, decode_lead_chunks=0)
         try:
             for index in range(total):
                 # Chunk 0 is asked for alone: the replica serving it registers the job with
                 # Serve's router, and calls sent before the router knows would land anywhere.
-                # (Measured with 2 decoders: 4 of 8 jobs then decoded 32-48 frames twice.)
-                while issued < min(total, index + 1 + (self.ahead if index else 0)):
-                    pending.append(decoder.chunk.remote(video, sent, job_id, issued))
+                while issued < min(total, index + 1 + (ahead if index else 0)):
+                    pending.append(decoder.chunk.remote(self.video, sent, job_id, issued))
                     issued += 1
-                t = time.perf_counter()
                 pulled: PulledChunk = pending.popleft().result()
-                report["decode_wait_ms"] += (time.perf_counter() - t) * 1e3
-                if pulled.chunk.start != index * self.chunk_frames:
+                if pulled.chunk.start != index * self.remote.chunk_frames:
                     raise ModelError(f"decoder returned frame {pulled.chunk.start} for chunk {index}")
                 decoded.append(pulled.decoded_at)
-                report["decode_ms"] += pulled.decode_ms
-                report["decode_wasted_frames"] += pulled.wasted_frames
-                report["decode_opens"] += int(pulled.opened)
+                self.timings.decode_ms += pulled.decode_ms
+                self.timings.decode_wasted_frames += pulled.wasted_frames
+                self.timings.decode_opens += int(pulled.opened)
                 taken.append(time.time())
                 yield pulled.chunk
         finally:
@@ -240,7 +236,7 @@ class RemoteDecoder:
             if len(taken) < total:
                 # The job stopped early: free its reader now rather than after the idle timeout.
                 decoder.close_job.remote(job_id)
-            report["decode_lead_chunks"] = decode_lead(decoded, taken)
+            self.timings.decode_lead_chunks = decode_lead(decoded, taken)
 
 
 def decode_lead(decoded: list[float], taken: list[float]) -> int:

@@ -1,14 +1,12 @@
 """A request-body cap inside Ray Serve's HTTP proxy.
 
-Serve's proxy reads every request body as fast as the client sends it into an unbounded queue,
-and the ingress replica pulls it into another, whatever the ingress itself reads (Ray Serve
-2.60: proxy.py `proxy_asgi_receive`, http_util.py `ASGIReceiveProxy`). The ingress stops at its
-limit and answers 413, but by then a fast client may have pushed far more into the proxy's
-memory. This middleware stops the proxy reading once a request has sent more than the cap: the
-connection's own flow control then holds the client back until the ingress's 413 ends the request.
+Serve's proxy reads every request body as fast as the client sends it, whatever the ingress
+reads (docs/design.md, Memory bounds). This middleware stops it reading once a request has sent
+more than the cap: the connection's own flow control then holds the client back until the
+ingress's 413 ends the request.
 
 The proxy loads it when Ray starts with
-    RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=serve_app.proxy:middlewares
+    RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=serve_app.api.proxy:middlewares
 (`sam3-video serve` sets it; on a cluster, set it in every node's environment). The cap is
 SAM3_VIDEO_PROXY_MAX_BODY_BYTES, default the 100 MB upload limit plus multipart slack; each
 app's ingress still enforces its own `limits.max_bytes`.
@@ -20,7 +18,7 @@ import asyncio
 import os
 
 CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
-CALLBACK = "serve_app.proxy:middlewares"
+CALLBACK = "serve_app.api.proxy:middlewares"
 MAX_BODY_ENV = "SAM3_VIDEO_PROXY_MAX_BODY_BYTES"
 DEFAULT_MAX_BODY = 100 * 1024 * 1024 + 64 * 1024
 

@@ -34,7 +34,6 @@ class ReadAhead:
 
     def __init__(self, items: Iterable[Any], depth: int = 2, name: str = "read-ahead") -> None:
         self.busy_s = 0.0      # time the producer spent producing
-        self.wait_s = 0.0      # time the consumer spent waiting for an item
         self._queue: queue.Queue = queue.Queue(maxsize=max(depth, 1))
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._produce, args=(items,), name=name, daemon=True)
@@ -73,9 +72,7 @@ class ReadAhead:
     def __iter__(self) -> Iterator[Any]:
         try:
             while True:
-                t = time.perf_counter()
                 item = self._queue.get()
-                self.wait_s += time.perf_counter() - t
                 if item is _DONE:
                     return
                 if isinstance(item, _Failure):

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from serve_app.palette import COLORS
-from serve_app.types import Detections
+from serve_app.video.palette import COLORS
+from serve_app.media import Detections
 
 _FONT_SCALE = 0.5
 _BOX_THICKNESS = 2
@@ -88,10 +88,6 @@ class Compositor:
         if mode not in ("mask", "overlay"):
             raise ValueError(f"mode is {mode!r}; it must be 'mask' or 'overlay'")
         self.mode, self.alpha, self.height, self.width = mode, float(alpha), height, width
-
-    @property
-    def needs_frames(self) -> bool:
-        return self.mode == "overlay"
 
     def __call__(self, frame: np.ndarray | None, dets: Detections) -> np.ndarray:
         if self.mode == "mask":

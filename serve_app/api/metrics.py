@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from serve_app.types import StageTimings
+from serve_app.pipeline import STAGES, StageTimings
 
-STAGES = ("probe", "decode", "track", "composite", "encode", "total")
 # Milliseconds: a short clip's composite step to a long video's tracking.
 BOUNDARIES = [10, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 120000, 300000, 600000]
 

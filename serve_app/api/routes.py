@@ -1,0 +1,133 @@
+"""The HTTP face: exact routes, and one exception handler that renders the error table.
+
+    POST /v2/job      multipart/form-data: a `job` part (JSON) and an `input` part (the mp4)
+    POST /v2/segment  the mp4 as the body, the config as query parameters
+    GET  /healthz, GET /v2/health
+
+The routes read the request and answer it; what a job does (auth, slots, probe, the graph)
+is the SegmentService's (api/ingress.py), which the handle API calls too.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
+
+from serve_app.api import job as answers
+from serve_app.api.job import JobRecord
+from serve_app.api.upload import MULTIPART_SLACK, check_content_length, read_multipart, read_raw
+from serve_app.contract import JobConfig, parse_config, parse_job
+from serve_app.errors import ClientGone, InvalidJob, MethodNotAllowed, NotFound, ServiceError, http_status
+
+log = logging.getLogger("ray.serve")
+
+_FLOATS = ("confidence_threshold", "alpha")
+
+
+def make_app(service) -> Starlette:
+    """The ASGI app of one ingress replica, answering for `service` (a SegmentService)."""
+    app = Starlette(
+        routes=[
+            Route("/v2/job", post_job, methods=["POST"]),
+            Route("/v2/segment", post_segment, methods=["POST"]),
+            Route("/healthz", health, methods=["GET"]),
+            Route("/v2/health", health, methods=["GET"]),
+        ],
+        exception_handlers={ServiceError: render_error, HTTPException: render_error},
+    )
+    app.state.service = service
+    return app
+
+
+async def health(request: Request) -> PlainTextResponse:
+    return PlainTextResponse("ok")
+
+
+def job_route(endpoint):
+    """A job endpoint: the request's JobRecord made first (its id is the caller's
+    X-Request-ID, which Serve's proxy sets to a new one when the caller sent none), auth
+    checked, and any failure turned into a ServiceError for the one exception handler."""
+
+    async def run(request: Request):
+        job = JobRecord(id=request.headers.get("x-request-id") or JobRecord().id)
+        request.state.job = job
+        try:
+            request.app.state.service.check_auth(request.headers.get("authorization"))
+            return await endpoint(request, job)
+        except ServiceError:
+            raise
+        except ClientDisconnect:
+            raise ClientGone("the client closed the connection before its answer") from None
+        except Exception as exc:  # our bug: the client gets the request id, the log the traceback
+            raise ServiceError(f"internal error; quote request id {job.id}") from exc
+
+    return run
+
+
+def _echo(request: Request, job: JobRecord) -> dict[str, str]:
+    """x-request-id only where no proxy adds it: two would reach the client joined by a comma."""
+    return {} if request.headers.get("x-request-id") else {"x-request-id": job.id}
+
+
+@job_route
+async def post_job(request: Request, job: JobRecord):
+    service = request.app.state.service
+    check_content_length(request.headers.get("content-length"), service.limits.max_bytes, MULTIPART_SLACK)
+    with service.job_slot():  # taken before reading: a full replica refuses without reading the body
+        upload = await read_multipart(request.stream(), request.headers.get("content-type", ""),
+                                      service.limits.max_bytes)
+        try:
+            job.config = parse_job(upload.job).config
+            result = await service.run(upload.path, job.config)
+        finally:
+            os.unlink(upload.path)
+    service.finished(job.id, 200, result)
+    return answers.success(job, result, request.headers.get("accept"), _echo(request, job))
+
+
+@job_route
+async def post_segment(request: Request, job: JobRecord):
+    service = request.app.state.service
+    job.config = _query_config(request.query_params)
+    check_content_length(request.headers.get("content-length"), service.limits.max_bytes)
+    with service.job_slot():
+        upload = await read_raw(request.stream(), service.limits.max_bytes)
+        try:
+            result = await service.run(upload.path, job.config)
+        finally:
+            os.unlink(upload.path)
+    service.finished(job.id, 200, result)
+    return answers.success(job, result, request.headers.get("accept"), _echo(request, job))
+
+
+def _query_config(params) -> JobConfig:
+    raw: dict[str, Any] = {}
+    for key, value in params.items():
+        if key in _FLOATS:
+            try:
+                raw[key] = float(value)
+            except ValueError:
+                raise InvalidJob(f"config.{key} is {value!r}; it must be a number between 0.0 and 1.0") from None
+        else:
+            raw[key] = value
+    return parse_config(raw)
+
+
+async def render_error(request: Request, exc: Exception):
+    """The one exception handler: any error becomes its error-table answer."""
+    job: JobRecord = getattr(request.state, "job", None) or JobRecord()
+    headers = _echo(request, job)
+    if isinstance(exc, HTTPException):  # the router's: no such route, or not with this method
+        headers |= exc.headers or {}
+        where = f"{request.method} {request.url.path}"
+        exc = (MethodNotAllowed(f"{where} is not allowed; use {exc.headers['Allow']}") if exc.status_code == 405
+               else NotFound(f"no route {where}; POST /v2/job or /v2/segment"))
+    request.app.state.service.finished(job.id, http_status(exc), None, exc)
+    return answers.failure(job, exc, request.headers.get("accept"), headers)

@@ -1,0 +1,104 @@
+"""The graph's stage deployments, thin around the pipeline (serve_app/pipeline.py). Their
+options (replicas, GPUs, queues) are set in serve_app/app.py, the one place the graph is bound.
+
+    Encoder.segment ══TrackedBatch stream══► Tracker.track ──chunk calls──► Decoder.chunk
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import tempfile
+from collections.abc import Iterator
+from typing import Any
+
+from ray import serve
+
+from serve_app.contract import JobConfig
+from serve_app.graph.pull import OpenReaders, RemoteDecoder
+from serve_app.graph.wire import PulledChunk, SegmentResult, VideoRef, spooled
+from serve_app.media import VideoInfo
+from serve_app.pipeline import DEFAULT_PRESETS, FrameBuffer, LocalFrames, TrackedBatch, track, write
+from serve_app.trackers import TrackerConfig
+
+
+@serve.deployment(name="Decoder")
+class DecoderDeployment:
+    """CPU: decodes the chunks trackers ask for, keeping each job's reader open between calls."""
+
+    def __init__(self, chunk_frames: int, readers: int, idle_s: float, ahead: int) -> None:
+        from ray.serve.exceptions import RayServeException
+
+        self.readers = OpenReaders(chunk_frames, capacity=readers, idle_s=idle_s, max_stash=ahead)
+        self.readers.start_reaper()
+        try:
+            serve.get_replica_context()
+            self.routed = True
+        except RayServeException:  # local testing mode: one replica and no multiplexing support
+            self.routed = False
+
+    # The job id as multiplexed model id: the replica serving a job's chunk 0 has Serve route
+    # the job's later calls to it (docs/design.md). 16 ids cover the readers kept.
+    @serve.multiplexed(max_num_models_per_replica=16)
+    async def _register(self, job_id: str) -> str:
+        return job_id
+
+    async def chunk(self, video: VideoRef, info: VideoInfo, job_id: str, index: int) -> PulledChunk:
+        if self.routed and index == 0:
+            await self._register(job_id)
+        return await asyncio.to_thread(self.readers.chunk, video, info, job_id, index)
+
+    def close_job(self, job_id: str) -> None:
+        self.readers.close(job_id)
+
+    def __del__(self) -> None:
+        if hasattr(self, "readers"):
+            self.readers.shutdown()
+
+
+@serve.deployment(name="Tracker")
+class TrackerDeployment:
+    """GPU: holds the (compiled, warmed) model; streams detections to the encoder."""
+
+    def __init__(self, decoder: RemoteDecoder, tracker: TrackerConfig) -> None:
+        # The replica reports ready (and takes requests) only once the model is built and warm.
+        self.tracker = tracker.build()
+        self.decoder = decoder
+
+    def track(self, video: VideoRef, info: VideoInfo, config: JobConfig) -> Iterator[TrackedBatch]:
+        yield from track(self.tracker, self.decoder.frames(video, info), info, config)
+
+    def check_health(self) -> None:
+        # SAM 3 runs on one model thread per replica; if it died, Serve must replace the replica.
+        check = getattr(self.tracker, "check_health", None)
+        if check is not None:
+            check()
+
+
+@serve.deployment(name="Encoder")
+class EncoderDeployment:
+    """CPU: composites each frame's kept objects and encodes the mp4."""
+
+    def __init__(self, tracker: Any, presets: dict[str, str]) -> None:
+        self.tracker = tracker
+        self.presets = {**DEFAULT_PRESETS, **presets}  # libx264 preset by mode
+
+    def segment(self, video: VideoRef, info: VideoInfo, config: JobConfig) -> SegmentResult:
+        batches = self.tracker.options(stream=True).track.remote(video, info, config)
+        try:
+            with spooled(video) as src, tempfile.TemporaryDirectory() as tmp:
+                # Overlay pixels are decoded here rather than sent on by the tracker: a decode
+                # costs less than a frame's trip through the object store (docs/design.md).
+                source = LocalFrames(src, info) if config.mode == "overlay" else None
+                try:
+                    dst = os.path.join(tmp, "out.mp4")
+                    timings = write(batches, source and FrameBuffer(source), info, config, src, dst,
+                                    preset=self.presets[config.mode])
+                finally:
+                    if source is not None:
+                        source.close()
+                with open(dst, "rb") as f:
+                    mp4 = f.read()
+        finally:
+            batches.cancel()  # the tracker stops at its next frame if this ended early
+        return SegmentResult(mp4=mp4, timings=timings, num_frames=info.num_frames, decoder=info.decoder)

@@ -1,0 +1,51 @@
+"""SAM 3's tracker config: what a deployment may set, validated before any model is built.
+
+Importing this is cheap (no torch, no sam3): the app's args and check-config validate it.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+DEFAULT_WARM_SIZES: tuple[tuple[int, int], ...] = ((832, 480), (1280, 720))
+Pixels = Annotated[int, Field(gt=0, le=8192, strict=True)]
+
+
+class Sam3Config(BaseModel):
+    """`{"kind": "sam3", ...}`: the real SAM 3 video model (PyPI sam3 0.1.4)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["sam3"] = "sam3"
+    checkpoint: str | None = Field(None, description="A local sam3.pt; else $SAM3_CHECKPOINT; else the hub with $HF_TOKEN.")
+    device: str | None = Field(None, pattern=r"^(cuda(:\d+)?|cpu)$", description="cuda or cpu; default CUDA when present.")
+    compile: bool | None = Field(None, description="torch.compile the detector and tracker; default on with CUDA.")
+    warm_sizes: list[tuple[Pixels, Pixels]] = Field(default_factory=list,
+                                                    description="WxH sizes warmed up after 832x480 and 1280x720.")
+    warm_up: bool | None = Field(None, description="Run the warm-up at start; default: when compiling.")
+    warm_frames: int | None = Field(None, ge=1, le=256, description="Frames per warm-up clip; default hotstart + 2.")
+    model_overrides: dict[str, Any] = Field(default_factory=dict,
+                                            description='{"attribute.path": value} set on the built model.')
+    trim_memory: bool = Field(True, description="Keep each session's memory to the tracker's window.")
+    max_pending: int = Field(4, ge=1, description="Jobs that may wait for the model thread before new ones get 429.")
+
+    @property
+    def num_gpus(self) -> float:
+        return 0.0 if self.device == "cpu" else 1.0
+
+    @property
+    def all_warm_sizes(self) -> tuple[tuple[int, int], ...]:
+        return tuple(dict.fromkeys([*DEFAULT_WARM_SIZES, *map(tuple, self.warm_sizes)]))
+
+    def preflight(self) -> None:
+        """Fail now, with one line, where building would fail in a replica: no weights."""
+        from serve_app.trackers.sam3.loading import resolve_weights
+
+        resolve_weights(self.checkpoint)
+
+    def build(self):
+        from serve_app.trackers.sam3.tracker import Sam3Tracker
+
+        return Sam3Tracker(self)
