@@ -8,6 +8,7 @@ read back which source frame a decoder returned, through lossy coding and rotati
 from __future__ import annotations
 
 import os
+import struct
 from fractions import Fraction
 from pathlib import Path
 from typing import Callable, Sequence
@@ -192,3 +193,48 @@ def top_level_boxes(path: str | os.PathLike) -> list[str]:
 def seconds(info) -> list[float]:
     """A VideoInfo's presentation times in seconds from its first frame."""
     return [float((p - info.pts[0]) * info.time_base) for p in info.pts]
+
+
+# -- ISO-BMFF boxes, to make files that claim what they do not hold -------------------------
+BOX_CONTAINERS = {b"moov", b"trak", b"mdia", b"minf", b"stbl", b"edts", b"moof", b"traf"}
+
+
+def boxes(data, pos=0, end=None, path=()):
+    """Yields (types from the top, offset, size) of every box, descending into the tables' parents."""
+    end = len(data) if end is None else end
+    while end - pos >= 8:
+        size, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        size = size or end - pos
+        yield path + (kind,), pos, size
+        if kind in BOX_CONTAINERS:
+            yield from boxes(data, pos + 8, pos + size, path + (kind,))
+        pos += size
+
+
+def box_in_track(data, handler: bytes, kind: bytes, nth: int = 0) -> int:
+    """Offset of the `nth` `kind` box inside the trak whose hdlr is `handler`."""
+    for p, pos, size in boxes(data):
+        if p[-1] == b"trak" and handler in data[pos:pos + size]:
+            found = [q for path, q, _ in boxes(data, pos + 8, pos + size) if path[-1] == kind]
+            return found[nth]
+    raise LookupError(kind)
+
+
+def box_anywhere(data, kind: bytes, nth: int = 0) -> int:
+    return [pos for p, pos, _ in boxes(data) if p[-1] == kind][nth]
+
+
+def rewrite(src: Path, dst: Path, edits) -> Path:
+    """Copies `src` with big-endian u32 `edits` [(offset, value)] applied in place."""
+    data = bytearray(src.read_bytes())
+    for offset, value in edits:
+        data[offset:offset + 4] = struct.pack(">I", value)
+    dst.write_bytes(data)
+    return dst
+
+
+def claims_frames(src: Path, dst: Path, frames: int) -> Path:
+    """`src` with its video stsz rewritten to declare `frames` samples (the file is unchanged
+    in size: what a hostile client sends to make a demuxer allocate an index of that size)."""
+    stsz = box_in_track(src.read_bytes(), b"vide", b"stsz")
+    return rewrite(src, dst, [(stsz + 12, 1000), (stsz + 16, frames)])  # a constant size, so no table

@@ -14,6 +14,7 @@ from fractions import Fraction
 from serve_app.errors import UnsupportedMedia, UploadTooLarge, VideoLimitExceeded
 from serve_app.contract import Limits, size
 from serve_app.media import AudioInfo, VideoInfo
+from serve_app.video.mp4scan import scan
 
 # What PyAV calls the ISO-BMFF demuxer; webm/mkv/ts/avi renamed .mp4 report another name.
 MP4_FAMILY = "mov,mp4,m4a,3gp,3g2,mj2"
@@ -42,6 +43,8 @@ def probe(path: str | os.PathLike, limits: Limits = Limits()) -> VideoInfo:
         raise UnsupportedMedia("upload is empty (0 bytes); send an MP4 video")
     if nbytes > limits.max_bytes:
         raise UploadTooLarge(f"video is {size(nbytes)}; the limit is {size(limits.max_bytes)}")
+    # Before any demuxer opens it: FFmpeg sizes its index from the counts the file declares.
+    scan(path, max_video_samples=limits.max_frames, max_other_samples=limits.max_track_samples)
     try:
         container = av.open(path, metadata_errors="ignore")
     except (av.error.FFmpegError, UnicodeDecodeError, ValueError) as exc:
@@ -61,9 +64,7 @@ def probe(path: str | os.PathLike, limits: Limits = Limits()) -> VideoInfo:
         _check_picture(width, height, limits)
         entries = stream.index_entries
         if len(entries) > limits.max_frames:
-            raise VideoLimitExceeded(
-                f"video has {len(entries)} frames; the limit is {limits.max_frames}"
-            )
+            raise VideoLimitExceeded(f"video has {len(entries):,} frames; the limit is {limits.max_frames:,}")
         if len(entries):
             end = max(e.pos + e.size for e in entries)
             if end > nbytes:
@@ -78,7 +79,11 @@ def probe(path: str | os.PathLike, limits: Limits = Limits()) -> VideoInfo:
         if not pts:
             raise UnsupportedMedia("video stream has no frames")
         if len(pts) > limits.max_frames:
-            raise VideoLimitExceeded(f"video has {len(pts)} frames; the limit is {limits.max_frames}")
+            raise VideoLimitExceeded(f"video has {len(pts):,} frames; the limit is {limits.max_frames:,}")
+        if width * height * len(pts) > limits.max_pixel_frames:
+            raise VideoLimitExceeded(
+                f"video is {width}x{height} with {len(pts):,} frames: {width * height * len(pts):,} pixels to "
+                f"decode; the limit is {limits.max_pixel_frames:,} (10 minutes of 1080p at 30 fps by default)")
         time_base = stream.time_base
         avg_fps = _avg_fps(stream, pts, time_base)
         if avg_fps > limits.max_fps:
@@ -193,8 +198,8 @@ def _choose_decoder(codec: str, pix_fmt: str, rotation: int, width: int, height:
         return "pyav"  # an edit list hides frames: decord decodes them too
     if codec not in DECORD_CODECS or pix_fmt not in DECORD_PIX_FMTS:
         return "pyav"
-    if rotation in (90, 270):
-        return "pyav"  # decord returns (W, H, 4) garbage for quarter turns
+    if rotation in (90, 270) or min(width, height) < 32:
+        return "pyav"  # decord returns wrongly shaped arrays for quarter turns and tiny pictures
     if n_presented * width * height * 3 > DECORD_MAX_BUFFER_BYTES:
         return "pyav"  # decord's read-ahead is unbounded: only videos that fit its budget whole
     return "decord"

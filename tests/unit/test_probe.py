@@ -135,7 +135,7 @@ def test_8k_is_refused_by_name(tmp_path):
 def test_short_side_frames_and_fps_caps(clips):
     with pytest.raises(VideoLimitExceeded, match="shortest side may be at most 40"):
         probe(clips["plain"], Limits(max_short_side=40))
-    with pytest.raises(VideoLimitExceeded, match="10 frames; the limit is 5"):
+    with pytest.raises(VideoLimitExceeded, match="10 (video )?frames; the limit is 5"):
         probe(clips["plain"], Limits(max_frames=5))
     with pytest.raises(VideoLimitExceeded, match="25.0 fps; the limit is 24 fps"):
         probe(clips["plain"], Limits(max_fps=24))
