@@ -47,7 +47,16 @@ class AppArgs(BaseModel):
     encoder_max_ongoing_requests: int = Field(4, ge=1)
     # Jobs waiting for an encoder beyond this are refused with 429 + Retry-After.
     max_queued_requests: int = Field(8, ge=0)
-    max_inflight_per_ingress: int = Field(16, ge=1, description="Jobs one ingress replica holds at once.")
+    max_inflight_per_ingress: int = Field(16, ge=1, description="Jobs one ingress replica runs at once.")
+    max_uploads_per_ingress: int = Field(32, ge=1, description="Bodies one ingress replica receives at once.")
+    # Keyed by the peer address the proxy sees: behind a load balancer that is the balancer's,
+    # so set 0 (no cap per client) there.
+    max_uploads_per_client: int = Field(8, ge=0, description="Of those, from one client address; 0: no cap.")
+    # An upload is dropped (408) after this long without a byte, or when, past this long, it
+    # has averaged less than upload_min_bytes_per_s: idle connections cannot hold the ingress.
+    upload_idle_s: float = Field(15.0, gt=0)
+    upload_min_bytes_per_s: int = Field(32 * 1024, ge=0)
+    job_timeout_s: float = Field(3600.0, gt=0, description="A job still running after this is stopped (504).")
     # Requests Serve's proxy holds for a busy ingress; past it the proxy answers 429 +
     # Retry-After. Serve counts a request as queued until a replica is picked, even one with
     # room, so this must exceed the largest burst of simultaneous arrivals to refuse only floods.
@@ -78,6 +87,7 @@ class AppArgs(BaseModel):
 
 def build_app(args: dict[str, Any] | AppArgs | None = None):
     from serve_app.api.ingress import IngressDeployment
+    from serve_app.api.upload import Pace
     from serve_app.graph.deployments import DecoderDeployment, EncoderDeployment, TrackerDeployment
     from serve_app.graph.pull import RemoteDecoder
 
@@ -111,9 +121,11 @@ def build_app(args: dict[str, Any] | AppArgs | None = None):
         **quick_stop,
     ).bind(tracker, {"overlay": a.encoder_preset, "mask": a.mask_encoder_preset})
     # The ingress answers over-capacity jobs itself (429 + Retry-After, before reading the body)
-    # up to twice its job slots; past that the proxy queues a bounded number more.
+    # up to twice its upload and job slots; past that the proxy queues a bounded number more.
+    slots = a.max_uploads_per_ingress + a.max_inflight_per_ingress
     return IngressDeployment.options(
-        ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=a.max_inflight_per_ingress * 2,
+        ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=slots * 2,
         max_queued_requests=a.ingress_max_queued_requests,
         backpressure_config={"status_code": 429, "retry_after_s": a.retry_after_s}, **quick_stop
-    ).bind(encoder, a.limits, a.auth_tokens_env, a.max_inflight_per_ingress, a.retry_after_s)
+    ).bind(encoder, a.limits, a.auth_tokens_env, a.max_inflight_per_ingress, a.max_uploads_per_ingress,
+           a.max_uploads_per_client, a.retry_after_s, Pace(a.upload_idle_s, a.upload_min_bytes_per_s), a.job_timeout_s)

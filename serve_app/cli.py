@@ -54,8 +54,9 @@ def _tracker(args: argparse.Namespace):
 
 
 def _config(args: argparse.Namespace) -> JobConfig:
+    extensions = {} if args.max_objects is None else {"max_objects": args.max_objects}
     return parse_config({"prompt": args.prompt, "mode": args.mode, "alpha": args.alpha,
-                         "confidence_threshold": args.confidence_threshold})
+                         "confidence_threshold": args.confidence_threshold, **extensions})
 
 
 def _app_args(args: argparse.Namespace, joining: bool) -> dict[str, Any]:
@@ -175,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--mode", choices=["mask", "overlay"], default="mask")
     seg.add_argument("--alpha", type=float, default=0.5, help="mask opacity in overlay mode")
     seg.add_argument("--confidence-threshold", type=float, default=0.5)
+    seg.add_argument("--max-objects", type=int, help="objects tracked at most, 1-64 (default 16)")
     tracker_flags(seg)
     where = seg.add_mutually_exclusive_group()
     where.add_argument("--local", action="store_true", help="run every stage in this process (no Ray)")

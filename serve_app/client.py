@@ -50,7 +50,7 @@ def segment_via_url(url: str, video: bytes, config: JobConfig, token: str | None
                     timeout_s: float = 3600) -> tuple[bytes, dict[str, str]]:
     """POST /v2/job to a running service; returns (mp4, response headers). Errors come back
     as the service's typed errors, rebuilt from the `code` the answer carries."""
-    body, ctype = multipart_job({"type": JOB_TYPE, "config": config.model_dump()}, video)
+    body, ctype = multipart_job({"type": JOB_TYPE, "config": config.echo()}, video)
     request = urllib.request.Request(url.rstrip("/") + "/v2/job", data=body, method="POST",
                                      headers={"Content-Type": ctype, "Accept": "video/mp4"})
     if token:

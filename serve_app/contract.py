@@ -3,6 +3,8 @@ limits on what the service accepts."""
 
 from __future__ import annotations
 
+import reprlib
+import unicodedata
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -26,6 +28,10 @@ class Limits(BaseModel):
     # 10 minutes at 30 fps. Memory stays flat in length; this bounds one request's GPU time.
     max_frames: int = Field(18_000, gt=0, description="Presented frames.")
     max_fps: float = Field(240.0, gt=0, description="Average frames per second.")
+    # The work a job may ask for: 10 minutes of 1080p at 30 fps (4K: 2.5 minutes).
+    max_pixel_frames: int = Field(1920 * 1080 * 18_000, gt=0, description="Decoded pixels x frames.")
+    # Packets a non-video track may declare (a 96 kHz AAC track runs 3 hours within it).
+    max_track_samples: int = Field(1_000_000, gt=0, description="Samples an audio or other track declares.")
 
 
 def size(n: int) -> str:
@@ -48,19 +54,29 @@ class JobConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     prompt: str = Field(min_length=1, max_length=500, description="What to segment, e.g. 'fish'.")
+    # Numbers must be JSON numbers: "0.5" or true is a client bug to name, not to convert.
     confidence_threshold: float = Field(
-        0.5, ge=0.0, le=1.0, description="Objects whose SAM 3 score is below this are dropped."
+        0.5, ge=0.0, le=1.0, strict=True, description="Objects whose SAM 3 score is below this are dropped."
     )
     mode: Mode = Field("mask", description="mask: white where any kept object is; overlay: drawn on the input.")
-    alpha: float = Field(0.5, ge=0.0, le=1.0, description="Mask opacity in overlay mode.")
+    alpha: float = Field(0.5, ge=0.0, le=1.0, strict=True, description="Mask opacity in overlay mode.")
+    # An extension of the API we follow: echoed in the job JSON only when the client sent it.
+    max_objects: int = Field(16, ge=1, le=64, strict=True, description="Objects tracked at most (the highest-scoring).")
 
     @field_validator("prompt")
     @classmethod
-    def _not_blank(cls, value: str) -> str:
-        # A prompt of spaces passes min_length but asks the model for nothing.
-        if not value.strip():
-            raise ValueError("must contain at least one non-space character")
+    def _visible(cls, value: str) -> str:
+        # Spaces, zero-width characters or NULs pass min_length but ask the model for nothing.
+        control = next((c for c in value if unicodedata.category(c) == "Cc" and c not in "\t\n"), None)
+        if control is not None:
+            raise ValueError(f"contains the control character U+{ord(control):04X}")
+        if all(unicodedata.category(c)[0] in "CZ" for c in value):
+            raise ValueError("has no visible character")
         return value
+
+    def echo(self) -> dict[str, Any]:
+        """The config as the job JSON shows it: extension fields only when they were sent."""
+        return self.model_dump(exclude=None if "max_objects" in self.model_fields_set else {"max_objects"})
 
 
 class Job(BaseModel):
@@ -72,9 +88,13 @@ class Job(BaseModel):
     config: JobConfig
 
 
+RANGES = {"confidence_threshold": "between 0.0 and 1.0", "alpha": "between 0.0 and 1.0",
+          "max_objects": "a whole number between 1 and 64"}
+
+
 def _describe(error: dict[str, Any], prefix: str) -> str:
     loc = ".".join(str(p) for p in (prefix, *error["loc"]) if p != "")
-    given = error.get("input")
+    given = _Short(error.get("input"))
     kind = error["type"]
     ctx = error.get("ctx") or {}
     if kind == "missing":
@@ -82,13 +102,31 @@ def _describe(error: dict[str, Any], prefix: str) -> str:
     if kind == "extra_forbidden":
         return f"{loc} is not a known field"
     if kind in ("string_too_short", "string_too_long"):
-        n = len(given) if isinstance(given, str) else given
-        return f"{loc} is {n} characters; it must be 1 to 500 characters"
-    if kind in ("greater_than_equal", "less_than_equal"):
-        return f"{loc} is {given!r}; it must be between 0.0 and 1.0"
+        return f"{loc} is {len(given.value)} characters; it must be 1 to 500 characters"
+    if kind == "float_type":
+        return f"{loc} is {given!r} ({type(given.value).__name__}); it must be a number between 0.0 and 1.0"
+    if kind == "int_from_float":
+        return f"{loc} is {given!r}; it must be a whole number between 1 and 64"
+    if kind in ("greater_than_equal", "less_than_equal", "int_type"):
+        return f"{loc} is {given!r}; it must be {RANGES.get(error['loc'][-1], 'in range')}"
     if kind == "literal_error":
         return f"{loc} is {given!r}; it must be one of {ctx.get('expected', '')}"
+    if kind == "value_error":
+        return f"{loc} {ctx.get('error', error['msg'])}"
     return f"{loc} is {given!r}: {error['msg']}"
+
+
+class _Short:
+    """A value as messages quote it: a bounded repr, whatever the client sent."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __repr__(self) -> str:
+        short = reprlib.Repr()
+        short.maxstring = short.maxother = 60
+        short.maxlevel = 2
+        return short.repr(self.value)
 
 
 def parse_config(data: Any) -> JobConfig:
@@ -105,10 +143,10 @@ def parse_job(data: Any) -> Job:
         raise InvalidJob(f"job must be a JSON object, got {type(data).__name__}")
     job_type = data.get("type", JOB_TYPE)
     if job_type != JOB_TYPE:
-        raise UnknownJobType(f"job.type is {job_type!r}; this service runs only {JOB_TYPE!r}")
+        raise UnknownJobType(f"job.type is {_Short(job_type)!r}; this service runs only {JOB_TYPE!r}")
     extra = sorted(set(data) - {"type", "config"})
     if extra:
-        raise InvalidJob(f"job.{extra[0]} is not a known field; a job has 'type' and 'config'")
+        raise InvalidJob(f"job.{extra[0][:60]} is not a known field; a job has 'type' and 'config'")
     if "config" not in data:
         raise InvalidJob("job.config is required")
     return Job(type=JOB_TYPE, config=parse_config(data["config"]))

@@ -40,6 +40,12 @@ class UploadTooLarge(ServiceError):
     code = "upload_too_large"
 
 
+class UploadTimeout(ServiceError):
+    """The upload stalled, or arrived slower than the minimum rate."""
+
+    code = "upload_timeout"
+
+
 class VideoLimitExceeded(ServiceError):
     """The video decodes but is over a documented cap (width, height, frames, fps)."""
 
@@ -89,6 +95,12 @@ class ModelError(ServiceError):
     code = "model_error"
 
 
+class JobTimeout(ServiceError):
+    """The job ran past its deadline and was cancelled in every stage."""
+
+    code = "job_timeout"
+
+
 class ModelUnavailable(ServiceError):
     """The model cannot be loaded (no weights configured, no device)."""
 
@@ -103,12 +115,14 @@ HTTP_STATUS: tuple[tuple[type[ServiceError], int], ...] = (
     (Unauthorized, 401),
     (NotFound, 404),
     (MethodNotAllowed, 405),
+    (UploadTimeout, 408),
     (UploadTooLarge, 413),
     (VideoLimitExceeded, 413),
     (UnsupportedMedia, 415),
     (Overloaded, 429),
     (ClientGone, 499),
     (ModelUnavailable, 503),
+    (JobTimeout, 504),
     (ModelError, 500),
 )
 

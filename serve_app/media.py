@@ -77,9 +77,14 @@ class Detections:
     def __len__(self) -> int:
         return int(self.obj_ids.shape[0])
 
-    def keep(self, min_score: float) -> "Detections":
-        """Only the objects scoring at least `min_score` (the job's confidence_threshold)."""
+    def keep(self, min_score: float, most: int | None = None) -> "Detections":
+        """Only the objects scoring at least `min_score` (the job's confidence_threshold), and
+        of those the `most` highest-scoring (ties: the older object)."""
         sel = self.scores >= min_score
+        if most is not None and sel.sum() > most:
+            ranked = [i for i in np.lexsort((self.obj_ids, -self.scores)) if sel[i]][:most]
+            sel = np.zeros_like(sel)
+            sel[ranked] = True
         if sel.all():
             return self
         return Detections(

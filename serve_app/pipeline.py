@@ -28,7 +28,7 @@ from typing import Protocol
 import numpy as np
 
 from serve_app.contract import JobConfig, Limits
-from serve_app.errors import ModelError
+from serve_app.errors import JobTimeout, ModelError
 from serve_app.media import Detections, FrameChunk, VideoInfo
 from serve_app.trackers import Tracker
 
@@ -37,6 +37,13 @@ Progress = Callable[[int, int], None]  # (frames written, frames in all)
 # libx264 preset per mode (docs/design.md: a mask compresses trivially at ultrafast).
 DEFAULT_PRESETS = {"mask": "ultrafast", "overlay": "veryfast"}
 STAGES = ("probe", "decode", "track", "composite", "encode", "total")
+CHUNK_BYTES = 64 << 20  # a chunk's decoded frames at most: 16 frames of 720p, 10 of 1080p, 2 of 4K
+
+
+def chunk_frames_for(info: VideoInfo, most: int = 16) -> int:
+    """Frames per chunk for this video: at most `most`, and no more than CHUNK_BYTES decoded."""
+    width, height = info.display_size
+    return max(1, min(most, CHUNK_BYTES // (width * height * 3)))
 
 
 @dataclass
@@ -55,6 +62,23 @@ class StageTimings:
     decode_lead_chunks: int = 0     # most chunks decoded ahead of the tracker at one time
 
 
+@dataclass(frozen=True)
+class Deadline:
+    """When a job must be done by (time.time()); every stage checks it between frames."""
+
+    at: float
+    seconds: float  # the job's allowance, for the message
+
+    def check(self, frame: int) -> None:
+        if time.time() > self.at:
+            raise self.passed(frame)
+
+    def passed(self, frame: int | None = None) -> JobTimeout:
+        where = "" if frame is None else f" at frame {frame}"
+        return JobTimeout(f"the job ran past its {self.seconds:g} s deadline{where} and was stopped; "
+                          "send a shorter video or try again later")
+
+
 class FrameSource(Protocol):
     """A video's decoded frames, in order, and what decoding them has cost so far."""
 
@@ -70,7 +94,7 @@ class LocalFrames:
         from serve_app.video.decode import iter_chunks
         from serve_app.video.threads import ReadAhead
 
-        self._read = ReadAhead(iter_chunks(path, info, chunk_frames), depth=ahead, name="decode")
+        self._read = ReadAhead(iter_chunks(path, info, chunk_frames_for(info, chunk_frames)), depth=ahead, name="decode")
 
     @property
     def timings(self) -> StageTimings:
@@ -130,7 +154,7 @@ class TrackedBatch:
 
 
 def track(tracker: Tracker, frames: FrameSource, info: VideoInfo, config: JobConfig, *,
-          batch_frames: int = 16, batch_s: float = 0.5) -> Iterator[TrackedBatch]:
+          deadline: Deadline | None = None, batch_frames: int = 16, batch_s: float = 0.5) -> Iterator[TrackedBatch]:
     """Run `tracker` over `frames`; batches of up to `batch_frames` frames, or what `batch_s`
     seconds produced. The last batch comes after the input was read to its end, so its timings
     are final. Closing the generator closes the tracker's (a SAM 3 session is freed)."""
@@ -166,7 +190,10 @@ def track(tracker: Tracker, frames: FrameSource, info: VideoInfo, config: JobCon
             busy += time.perf_counter() - t - (waited - w)  # the tracker's own time, not its waits for frames
             if dets is None:
                 break
-            batch.append(dets.keep(config.confidence_threshold))
+            if deadline is not None:
+                deadline.check(dets.frame_index)
+            # Every tracker bounds its own objects; this holds a third-party one to the job's too.
+            batch.append(dets.keep(config.confidence_threshold, config.max_objects))
             if len(batch) >= batch_frames or time.perf_counter() - flushed >= batch_s:
                 yield done()
         for extra in source:  # the tracker asks for no frame past the last; let the source end
@@ -180,7 +207,7 @@ def track(tracker: Tracker, frames: FrameSource, info: VideoInfo, config: JobCon
 
 def write(batches: Iterable[TrackedBatch], frames: FrameBuffer | None, info: VideoInfo, config: JobConfig,
           src_path: str | os.PathLike, dst_path: str | os.PathLike, *, preset: str | None = None,
-          progress: Progress | None = None) -> StageTimings:
+          progress: Progress | None = None, deadline: Deadline | None = None) -> StageTimings:
     """Composite each frame's detections and encode the mp4 (audio from `src_path`).
 
     `batches` must hold exactly one Detections per frame, in order; `frames` gives the input's
@@ -203,6 +230,8 @@ def write(batches: Iterable[TrackedBatch], frames: FrameBuffer | None, info: Vid
                 for dets in batch.detections:
                     if dets.frame_index != written:
                         raise ModelError(f"tracker returned frame {dets.frame_index} where frame {written} was due")
+                    if deadline is not None:
+                        deadline.check(written)
                     t = time.perf_counter()
                     picture = compositor(frames.frame(written) if frames is not None else None, dets)
                     composite_s += time.perf_counter() - t

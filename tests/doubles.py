@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterable, Iterator
 
 from serve_app.contract import JobConfig
+from serve_app.errors import UnsupportedMedia
 from serve_app.trackers.fake import ColorShapeTracker, FakeConfig
 from serve_app.media import Detections, FrameChunk, VideoInfo
 
@@ -25,7 +26,8 @@ class ScriptedTracker(ColorShapeTracker):
       (queues fill, stages can be seen overlapping);
     - `crash`: kills this process after `crash_after` frames, as an out-of-memory kill or a
       lost GPU would: the replica dies in the middle of a request.
-    - `raise`: raises a plain RuntimeError after `crash_after` frames (a bug in our code).
+    - `raise`: raises a plain RuntimeError after `crash_after` frames (a bug in our code);
+    - `refuse`: raises UnsupportedMedia after `crash_after` frames (an error meant for the user).
     Other words work as for ColorShapeTracker (colour names).
     """
 
@@ -41,6 +43,8 @@ class ScriptedTracker(ColorShapeTracker):
                 os._exit(17)
             if n == self.crash_after and "raise" in words:
                 raise RuntimeError("scripted tracker failure")
+            if n == self.crash_after and "refuse" in words:
+                raise UnsupportedMedia("scripted refusal from the tracker replica")
             if "slow" in words:
                 time.sleep(self.delay_s)
             yield dets

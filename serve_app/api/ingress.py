@@ -14,6 +14,7 @@ import os
 import re
 import tempfile
 import time
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,11 +22,43 @@ from typing import Any
 from ray import serve
 
 from serve_app.api.metrics import StageMetrics
+from serve_app.api.upload import SPOOL_PREFIX, Pace
 from serve_app.contract import JobConfig, Limits, parse_config, size
 from serve_app.errors import ModelError, Overloaded, ServiceError, Unauthorized, UploadTooLarge
 from serve_app.graph.wire import SegmentResult, VideoRef
+from serve_app.pipeline import Deadline
 
 log = logging.getLogger("ray.serve")
+
+
+class Slots:
+    """At most `n` at once in this replica; one more is refused at once with Overloaded (429 +
+    Retry-After) rather than queued."""
+
+    def __init__(self, n: int, what: str, retry_after_s: int, per_client: int = 0) -> None:
+        self.n, self.what, self.retry_after_s, self.used = n, what, retry_after_s, 0
+        self.per_client, self.clients = per_client, Counter()  # 0: no cap per client
+
+    def check(self, client: str = "") -> None:
+        if self.used >= self.n:
+            raise Overloaded(f"this replica has {self.used} {self.what}, the most it takes; retry later",
+                             self.retry_after_s)
+        if self.per_client and self.clients[client] >= self.per_client:
+            raise Overloaded(f"{client} has {self.clients[client]} {self.what}, the most one client may; "
+                             "retry later", self.retry_after_s)
+
+    @contextmanager
+    def take(self, client: str = ""):
+        self.check(client)
+        self.used += 1
+        self.clients[client] += 1
+        try:
+            yield
+        finally:
+            self.used -= 1
+            self.clients[client] -= 1
+            if not self.clients[client]:
+                del self.clients[client]
 
 
 @dataclass
@@ -33,9 +66,10 @@ class SegmentService:
     encoder: Any                    # the Encoder deployment's handle
     limits: Limits
     tokens: set[str]                # bearer tokens; empty: no auth
-    max_inflight: int               # job slots of this replica
-    retry_after_s: int
-    inflight: int = 0
+    jobs: Slots                     # jobs whose input has arrived
+    uploads: Slots                  # bodies being received; a stalled one is dropped (pace)
+    pace: Pace
+    job_timeout_s: float
     metrics: StageMetrics = field(default_factory=StageMetrics)
 
     def check_auth(self, header: str | None) -> None:
@@ -44,19 +78,6 @@ class SegmentService:
         scheme, _, token = (header or "").partition(" ")
         if scheme.lower() != "bearer" or not any(hmac.compare_digest(token.strip(), t) for t in self.tokens):
             raise Unauthorized("missing or invalid bearer token (Authorization: Bearer <token>)")
-
-    @contextmanager
-    def job_slot(self):
-        """Holds one of this replica's `max_inflight` job slots; with none free, Overloaded
-        (429 + Retry-After) at once."""
-        if self.inflight >= self.max_inflight:
-            raise Overloaded(f"this replica is running {self.inflight} jobs, the most it takes; retry later",
-                             self.retry_after_s)
-        self.inflight += 1
-        try:
-            yield
-        finally:
-            self.inflight -= 1
 
     async def run(self, path: str, config: JobConfig, video: VideoRef | None = None) -> SegmentResult:
         """Probe the upload at `path`, then run the graph on it (`video`: the same bytes already
@@ -72,10 +93,16 @@ class SegmentService:
         if video is None:
             with open(path, "rb") as f:
                 video = VideoRef.put(f.read())
+        deadline = Deadline(time.time() + self.job_timeout_s, self.job_timeout_s)
+        response = self.encoder.segment.remote(video, info, config, deadline)
         try:
-            result: SegmentResult = await self.encoder.segment.remote(video, info, config)
+            # The stages stop themselves at the deadline; this answers even if one is stuck.
+            result: SegmentResult = await asyncio.wait_for(_result(response), self.job_timeout_s + 30)
+        except asyncio.TimeoutError:
+            response.cancel()
+            raise deadline.passed() from None
         except BackPressureError:
-            raise Overloaded("the segmentation queue is full; retry later", self.retry_after_s) from None
+            raise Overloaded("the segmentation queue is full; retry later", self.jobs.retry_after_s) from None
         except (RayActorError, RayTaskError) as exc:
             # What a replica raised, out of Ray's wrappers (whose str() is the remote traceback).
             inner = exc
@@ -95,7 +122,7 @@ class SegmentService:
         import ray
 
         cfg = config if isinstance(config, JobConfig) else parse_config(config)
-        with self.job_slot():
+        with self.jobs.take():
             if isinstance(video, ray.ObjectRef):
                 data, ref = await video, VideoRef(ref=video)  # the stages read the caller's object
             else:
@@ -103,7 +130,7 @@ class SegmentService:
             if len(data) > self.limits.max_bytes:
                 raise UploadTooLarge(f"upload is {size(len(data))}; the limit is {size(self.limits.max_bytes)}")
             ref = ref or VideoRef.put(data)  # put only once the size is known to be acceptable
-            fd, path = tempfile.mkstemp(suffix=".mp4")
+            fd, path = tempfile.mkstemp(prefix=SPOOL_PREFIX, suffix=".mp4")
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
             del data
@@ -129,6 +156,10 @@ class SegmentService:
             log.info("job %s %d: %s", job_id, status, exc)
 
 
+async def _result(response):
+    return await response
+
+
 def _replica_died(exc: BaseException) -> ModelError:
     """Names the stage whose replica died (Ray's ActorDiedError quotes its actor class,
     ServeReplica:<app>:<Deployment>), not Ray's wrapper types."""
@@ -146,10 +177,12 @@ class IngressDeployment:
         mp4: bytes = handle.segment.remote(video_bytes_or_ObjectRef, {"prompt": "fish"}).result()
     """
 
-    def __init__(self, encoder: Any, limits: Limits, auth_tokens_env: str, max_inflight: int,
-                 retry_after_s: int) -> None:
+    def __init__(self, encoder: Any, limits: Limits, auth_tokens_env: str, max_jobs: int, max_uploads: int,
+                 max_uploads_per_client: int, retry_after_s: int, pace: Pace, job_timeout_s: float) -> None:
         tokens = {t.strip() for t in os.environ.get(auth_tokens_env, "").split(",") if t.strip()}
-        self.service = SegmentService(encoder, limits, tokens, max_inflight, retry_after_s)
+        uploads = Slots(max_uploads, "uploads arriving", retry_after_s, max_uploads_per_client)
+        self.service = SegmentService(encoder, limits, tokens, Slots(max_jobs, "jobs running", retry_after_s),
+                                      uploads, pace, job_timeout_s)
 
     def __serve_build_asgi_app__(self):
         from serve_app.api.routes import make_app

@@ -38,7 +38,7 @@ class JobRecord:
         body: dict[str, Any] = {
             "id": self.id,
             "type": JOB_TYPE,
-            "config": self.config.model_dump() if self.config else {},
+            "config": self.config.echo() if self.config else {},
             "state": {"current": "failed" if error else "completed"},
             "created_at": _iso(self.created),
             "updated_at": _iso(now),

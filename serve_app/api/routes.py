@@ -10,6 +10,7 @@ is the SegmentService's (api/ingress.py), which the handle API calls too.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from typing import Any
@@ -22,7 +23,8 @@ from starlette.routing import Route
 
 from serve_app.api import job as answers
 from serve_app.api.job import JobRecord
-from serve_app.api.upload import MULTIPART_SLACK, check_content_length, read_multipart, read_raw
+from serve_app.api.proxy import REQUEST_ID
+from serve_app.api.upload import MULTIPART_SLACK, Upload, check_content_length, read_multipart, read_raw
 from serve_app.contract import JobConfig, parse_config, parse_job
 from serve_app.errors import ClientGone, InvalidJob, MethodNotAllowed, NotFound, ServiceError, http_status
 
@@ -56,7 +58,8 @@ def job_route(endpoint):
     checked, and any failure turned into a ServiceError for the one exception handler."""
 
     async def run(request: Request):
-        job = JobRecord(id=request.headers.get("x-request-id") or JobRecord().id)
+        given = request.headers.get("x-request-id", "")
+        job = JobRecord(id=given) if REQUEST_ID.fullmatch(given.encode()) else JobRecord()
         request.state.job = job
         try:
             request.app.state.service.check_auth(request.headers.get("authorization"))
@@ -65,6 +68,9 @@ def job_route(endpoint):
             raise
         except ClientDisconnect:
             raise ClientGone("the client closed the connection before its answer") from None
+        except asyncio.CancelledError:  # Serve cancels a request whose client hung up
+            request.app.state.service.finished(job.id, 499, None, ClientGone("the client closed the connection"))
+            raise
         except Exception as exc:  # our bug: the client gets the request id, the log the traceback
             raise ServiceError(f"internal error; quote request id {job.id}") from exc
 
@@ -79,42 +85,58 @@ def _echo(request: Request, job: JobRecord) -> dict[str, str]:
 @job_route
 async def post_job(request: Request, job: JobRecord):
     service = request.app.state.service
-    check_content_length(request.headers.get("content-length"), service.limits.max_bytes, MULTIPART_SLACK)
-    with service.job_slot():  # taken before reading: a full replica refuses without reading the body
-        upload = await read_multipart(request.stream(), request.headers.get("content-type", ""),
-                                      service.limits.max_bytes)
-        try:
-            job.config = parse_job(upload.job).config
-            result = await service.run(upload.path, job.config)
-        finally:
-            os.unlink(upload.path)
-    service.finished(job.id, 200, result)
-    return answers.success(job, result, request.headers.get("accept"), _echo(request, job))
+    upload = await _receive(request, read_multipart(request.stream(), request.headers.get("content-type", ""),
+                                                    service.limits.max_bytes, service.pace), MULTIPART_SLACK)
+    try:
+        job.config = parse_job(upload.job).config
+        return await _run(request, job, upload)
+    finally:
+        os.unlink(upload.path)
 
 
 @job_route
 async def post_segment(request: Request, job: JobRecord):
     service = request.app.state.service
     job.config = _query_config(request.query_params)
-    check_content_length(request.headers.get("content-length"), service.limits.max_bytes)
-    with service.job_slot():
-        upload = await read_raw(request.stream(), service.limits.max_bytes)
-        try:
-            result = await service.run(upload.path, job.config)
-        finally:
-            os.unlink(upload.path)
+    upload = await _receive(request, read_raw(request.stream(), service.limits.max_bytes, service.pace))
+    try:
+        return await _run(request, job, upload)
+    finally:
+        os.unlink(upload.path)
+
+
+async def _receive(request: Request, reading, slack: int = 0) -> Upload:
+    """The body, read under an upload slot. Refused before a byte is read when it is declared
+    too large or when every job slot is taken by a running job; a job slot is taken only once
+    the body has arrived, so slow or idle uploads never hold one."""
+    service = request.app.state.service
+    try:
+        check_content_length(request.headers.get("content-length"), service.limits.max_bytes, slack)
+        service.jobs.check()
+        with service.uploads.take(request.client.host if request.client else ""):
+            return await reading
+    finally:
+        reading.close()  # not awaited when refused first
+
+
+async def _run(request: Request, job: JobRecord, upload: Upload):
+    service = request.app.state.service
+    with service.jobs.take():
+        result = await service.run(upload.path, job.config)
     service.finished(job.id, 200, result)
     return answers.success(job, result, request.headers.get("accept"), _echo(request, job))
 
 
 def _query_config(params) -> JobConfig:
     raw: dict[str, Any] = {}
-    for key, value in params.items():
+    for key, value in params.multi_items():
+        if key in raw:
+            raise InvalidJob(f"config.{key[:60]} is given more than once in the query")
         if key in _FLOATS:
             try:
                 raw[key] = float(value)
             except ValueError:
-                raise InvalidJob(f"config.{key} is {value!r}; it must be a number between 0.0 and 1.0") from None
+                raise InvalidJob(f"config.{key} is {value[:60]!r}; it must be a number between 0.0 and 1.0") from None
         else:
             raw[key] = value
     return parse_config(raw)

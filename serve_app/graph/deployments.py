@@ -7,6 +7,7 @@ options (replicas, GPUs, queues) are set in serve_app/app.py, the one place the 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import os
 import tempfile
 from collections.abc import Iterator
@@ -18,8 +19,17 @@ from serve_app.contract import JobConfig
 from serve_app.graph.pull import OpenReaders, RemoteDecoder
 from serve_app.graph.wire import PulledChunk, SegmentResult, VideoRef, spooled
 from serve_app.media import VideoInfo
-from serve_app.pipeline import DEFAULT_PRESETS, FrameBuffer, LocalFrames, TrackedBatch, track, write
+from serve_app.pipeline import DEFAULT_PRESETS, Deadline, FrameBuffer, LocalFrames, TrackedBatch, track, write
 from serve_app.trackers import TrackerConfig
+
+
+def give_back_memory() -> None:
+    """Return a finished job's freed memory to the OS: glibc keeps freed frame buffers in its
+    heap for reuse (docs/design.md, Memory bounds), so a replica would keep its peak for good."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to ask
+        pass
 
 
 @serve.deployment(name="Decoder")
@@ -43,13 +53,17 @@ class DecoderDeployment:
     async def _register(self, job_id: str) -> str:
         return job_id
 
-    async def chunk(self, video: VideoRef, info: VideoInfo, job_id: str, index: int) -> PulledChunk:
+    async def chunk(self, video: VideoRef, info: VideoInfo, job_id: str, index: int, chunk_frames: int) -> PulledChunk:
         if self.routed and index == 0:
             await self._register(job_id)
-        return await asyncio.to_thread(self.readers.chunk, video, info, job_id, index)
+        pulled = await asyncio.to_thread(self.readers.chunk, video, info, job_id, index, chunk_frames)
+        if job_id not in self.readers.jobs():  # its last chunk: trim once the chunk has been sent
+            asyncio.get_running_loop().call_later(1.0, give_back_memory)
+        return pulled
 
     def close_job(self, job_id: str) -> None:
         self.readers.close(job_id)
+        give_back_memory()
 
     def __del__(self) -> None:
         if hasattr(self, "readers"):
@@ -65,8 +79,11 @@ class TrackerDeployment:
         self.tracker = tracker.build()
         self.decoder = decoder
 
-    def track(self, video: VideoRef, info: VideoInfo, config: JobConfig) -> Iterator[TrackedBatch]:
-        yield from track(self.tracker, self.decoder.frames(video, info), info, config)
+    def track(self, video: VideoRef, info: VideoInfo, config: JobConfig, deadline: Deadline) -> Iterator[TrackedBatch]:
+        try:
+            yield from track(self.tracker, self.decoder.frames(video, info), info, config, deadline=deadline)
+        finally:
+            give_back_memory()
 
     def check_health(self) -> None:
         # SAM 3 runs on one model thread per replica; if it died, Serve must replace the replica.
@@ -83,8 +100,8 @@ class EncoderDeployment:
         self.tracker = tracker
         self.presets = {**DEFAULT_PRESETS, **presets}  # libx264 preset by mode
 
-    def segment(self, video: VideoRef, info: VideoInfo, config: JobConfig) -> SegmentResult:
-        batches = self.tracker.options(stream=True).track.remote(video, info, config)
+    def segment(self, video: VideoRef, info: VideoInfo, config: JobConfig, deadline: Deadline) -> SegmentResult:
+        batches = self.tracker.options(stream=True).track.remote(video, info, config, deadline)
         try:
             with spooled(video) as src, tempfile.TemporaryDirectory() as tmp:
                 # Overlay pixels are decoded here rather than sent on by the tracker: a decode
@@ -93,7 +110,7 @@ class EncoderDeployment:
                 try:
                     dst = os.path.join(tmp, "out.mp4")
                     timings = write(batches, source and FrameBuffer(source), info, config, src, dst,
-                                    preset=self.presets[config.mode])
+                                    preset=self.presets[config.mode], deadline=deadline)
                 finally:
                     if source is not None:
                         source.close()
@@ -101,4 +118,5 @@ class EncoderDeployment:
                     mp4 = f.read()
         finally:
             batches.cancel()  # the tracker stops at its next frame if this ended early
+            give_back_memory()
         return SegmentResult(mp4=mp4, timings=timings, num_frames=info.num_frames, decoder=info.decoder)

@@ -24,7 +24,7 @@ from typing import Any
 from serve_app.errors import ModelError
 from serve_app.graph.wire import PulledChunk, VideoRef, spooled
 from serve_app.media import FrameChunk, VideoInfo
-from serve_app.pipeline import StageTimings
+from serve_app.pipeline import StageTimings, chunk_frames_for
 
 
 def num_chunks(info: VideoInfo, chunk_frames: int) -> int:
@@ -106,11 +106,13 @@ class OpenReaders:
         self._readers: OrderedDict[str, _OpenVideo] = OrderedDict()
         self._stop = threading.Event()
 
-    def chunk(self, video: VideoRef, info: VideoInfo, job_id: str, index: int) -> PulledChunk:
-        """Frames [index * chunk_frames, ...) of the video (the last chunk shorter)."""
-        if not 0 <= index < num_chunks(info, self.chunk_frames):
-            raise ValueError(f"chunk {index} asked for; the video has {num_chunks(info, self.chunk_frames)}")
-        entry = self._open(video, info, job_id)
+    def chunk(self, video: VideoRef, info: VideoInfo, job_id: str, index: int, chunk_frames: int = 0) -> PulledChunk:
+        """Frames [index * chunk_frames, ...) of the video (the last chunk shorter); the job's
+        calls all name the same `chunk_frames` (default: the replica's)."""
+        chunk_frames = chunk_frames or self.chunk_frames
+        if not 0 <= index < num_chunks(info, chunk_frames):
+            raise ValueError(f"chunk {index} asked for; the video has {num_chunks(info, chunk_frames)}")
+        entry = self._open(video, info, job_id, chunk_frames)
         try:
             with entry.lock:  # not timed while waiting here: that is another call's decoding
                 start = time.perf_counter()
@@ -126,11 +128,11 @@ class OpenReaders:
             self.close(job_id, entry)
         return PulledChunk(chunk, busy * 1e3, time.time(), wasted, opened)
 
-    def _open(self, video: VideoRef, info: VideoInfo, job_id: str) -> _OpenVideo:
+    def _open(self, video: VideoRef, info: VideoInfo, job_id: str, chunk_frames: int) -> _OpenVideo:
         with self._lock:
             entry = self._readers.get(job_id)
             if entry is None:
-                entry = self._readers[job_id] = _OpenVideo(video, info, self.chunk_frames, self.max_stash)
+                entry = self._readers[job_id] = _OpenVideo(video, info, chunk_frames, self.max_stash)
             entry.last_used = self.clock()  # not idle: it must not expire below
             self._readers.move_to_end(job_id)
             gone = self._expired_locked()
@@ -209,7 +211,8 @@ class PulledFrames:
         decoder = self.remote.handle.options(multiplexed_model_id=job_id)
         # Decoding needs no timestamps; 18,000 of them would travel with every call (~90 KB).
         sent = replace(self.info, pts=())
-        total, ahead = num_chunks(self.info, self.remote.chunk_frames), self.remote.ahead
+        size = chunk_frames_for(self.info, self.remote.chunk_frames)
+        total, ahead = num_chunks(self.info, size), self.remote.ahead
         pending: deque = deque()
         issued = 0
         decoded: list[float] = []
@@ -219,10 +222,10 @@ class PulledFrames:
                 # Chunk 0 is asked for alone: the replica serving it registers the job with
                 # Serve's router, and calls sent before the router knows would land anywhere.
                 while issued < min(total, index + 1 + (ahead if index else 0)):
-                    pending.append(decoder.chunk.remote(self.video, sent, job_id, issued))
+                    pending.append(decoder.chunk.remote(self.video, sent, job_id, issued, size))
                     issued += 1
                 pulled: PulledChunk = pending.popleft().result()
-                if pulled.chunk.start != index * self.remote.chunk_frames:
+                if pulled.chunk.start != index * size:
                     raise ModelError(f"decoder returned frame {pulled.chunk.start} for chunk {index}")
                 decoded.append(pulled.decoded_at)
                 self.timings.decode_ms += pulled.decode_ms

@@ -63,15 +63,18 @@ class ColorShapeTracker:
         for chunk in chunks:
             for offset, frame in enumerate(chunk.frames):
                 height, width = frame.shape[:2]
-                current = []
+                current, newborn = [], []
                 for colour in colours:
                     for score, box, crop in self._find(frame, colour):
                         match = self._match(colour, box, crop, previous)
                         if match is None:
-                            current.append(_Blob(next_id, colour, score, box, crop))
-                            next_id += 1
+                            newborn.append((score, colour, box, crop))
                         else:  # the score is fixed at the object's birth
                             current.append(_Blob(match.id, colour, match.score, box, crop))
+                # As SAM 3 does: at most max_objects tracked, new ones born highest score first.
+                for score, colour, box, crop in sorted(newborn, key=lambda b: -b[0])[:config.max_objects - len(current)]:
+                    current.append(_Blob(next_id, colour, score, box, crop))
+                    next_id += 1
                 previous = current
                 if self.config.frame_delay_s:
                     time.sleep(self.config.frame_delay_s)

@@ -71,3 +71,23 @@ STRICT_ARGS = {
 @pytest.fixture(scope="session")
 def strict(cluster) -> str:
     return cluster.deploy("strict", "/strict", **STRICT_ARGS)
+
+
+# The "hostile" app: short upload pacing and job deadline, two job slots and a pixel budget of
+# exactly the shapes clip, so hostile clients are cheap to play.
+HOSTILE_IDLE_S = 2
+HOSTILE_TIMEOUT_S = 4
+
+
+@pytest.fixture(scope="session")
+def hostile(cluster) -> str:
+    from tests.conftest import SHAPES_H, SHAPES_N, SHAPES_W
+    from tests.doubles import SCRIPTED_TRACKER
+
+    return cluster.deploy("hostile", "/hostile", **{
+        "upload_idle_s": HOSTILE_IDLE_S, "upload_min_bytes_per_s": 64 * 1024, "job_timeout_s": HOSTILE_TIMEOUT_S,
+        "max_inflight_per_ingress": 2, "max_uploads_per_ingress": 24, "retry_after_s": 1,
+        "limits": {"max_pixel_frames": SHAPES_W * SHAPES_H * SHAPES_N},
+        # "slow" jobs take 10 s: past the deadline
+        "tracker": {"kind": "import", "path": SCRIPTED_TRACKER, "options": {"delay_s": 0.25}},
+    })

@@ -31,7 +31,15 @@ def test_full_job_envelope_parses():
         ({}, ["config.prompt", "required"]),
         ({"prompt": ""}, ["config.prompt", "0 characters", "1 to 500"]),
         ({"prompt": "x" * 501}, ["config.prompt", "501 characters", "1 to 500"]),
-        ({"prompt": "   "}, ["config.prompt", "non-space"]),
+        ({"prompt": "   "}, ["config.prompt", "no visible character"]),
+        ({"prompt": "\u200b\u200b"}, ["config.prompt", "no visible character"]),
+        ({"prompt": "fish\x00"}, ["config.prompt", "control character U+0000"]),
+        ({"prompt": "a", "alpha": "0.5"}, ["config.alpha", "'0.5' (str)", "a number"]),
+        ({"prompt": "a", "confidence_threshold": True}, ["config.confidence_threshold", "True (bool)"]),
+        ({"prompt": "a", "max_objects": 0}, ["config.max_objects", "0", "between 1 and 64"]),
+        ({"prompt": "a", "max_objects": 65}, ["config.max_objects", "65", "between 1 and 64"]),
+        ({"prompt": "a", "max_objects": 2.5}, ["config.max_objects", "2.5", "whole number"]),
+        ({"prompt": "a", "mode": "m" * 10_000}, ["config.mode", "..."]),  # a bounded quote of what was sent
         ({"prompt": "a", "confidence_threshold": 1.5}, ["config.confidence_threshold", "1.5", "0.0 and 1.0"]),
         ({"prompt": "a", "alpha": -0.1}, ["config.alpha", "-0.1", "0.0 and 1.0"]),
         ({"prompt": "a", "mode": "boxes"}, ["config.mode", "'boxes'", "mask", "overlay"]),
@@ -103,3 +111,15 @@ def test_the_python_client_rebuilds_the_exact_type_from_the_answer():
 
 def test_an_error_with_a_retry_time_reads_as_its_message():
     assert str(Overloaded("the queue is full; retry later", 5)) == "the queue is full; retry later"
+
+
+def test_extension_fields_are_echoed_only_when_sent():
+    assert "max_objects" not in parse_config({"prompt": "fish"}).echo()
+    assert parse_config({"prompt": "fish", "max_objects": 3}).echo()["max_objects"] == 3
+    assert parse_config({"prompt": "fish", "confidence_threshold": 1}).confidence_threshold == 1.0  # 1 is a number
+
+
+def test_messages_quote_what_was_sent_within_bounds():
+    with pytest.raises(InvalidJob) as info:
+        parse_config({"prompt": [[[[["x" * 100_000]]]]]})
+    assert len(str(info.value)) < 200

@@ -79,3 +79,18 @@ def test_boxes_are_normalised_xywh_around_the_mask(decoded):
     rows, cols = np.nonzero(d.masks[0])
     assert x == pytest.approx(cols.min() / W) and y == pytest.approx(rows.min() / H)
     assert x + w == pytest.approx(cols.max() / W) and y + h == pytest.approx(rows.max() / H)
+
+
+def test_at_most_max_objects_are_tracked_the_highest_scoring_first(decoded):
+    from serve_app.contract import parse_config
+
+    every = run(decoded, "red, blue, green and yellow shapes")
+    capped = [d for d in ColorShapeTracker().track(
+        (FrameChunk(s, decoded[s:s + 8]) for s in range(0, N, 8)), None,
+        parse_config({"prompt": "red, blue, green and yellow shapes", "max_objects": 2}))]
+    assert max(len(d) for d in every) > 2
+    assert all(len(d) <= 2 for d in capped)
+    # the two born on frame 0 are the two highest-scoring of frame 0, and they keep their ids
+    top = sorted(zip(every[0].scores, every[0].obj_ids), key=lambda s: -s[0])[:2]
+    assert sorted(capped[0].scores) == sorted(s for s, _ in top)
+    assert all(set(d.obj_ids) <= set(capped[0].obj_ids) for d in capped)

@@ -42,3 +42,34 @@ def test_reading_stops_once_the_cap_is_passed():
     # proxy reads no more: the client's own socket holds the rest.
     got, held = run_capped(10, [b"abcd"] * 6, reads=6)
     assert got == [b"abcd"] * 3 and held
+
+
+def test_a_body_declared_over_the_cap_is_refused_without_reading_it():
+    # uvicorn answers `Expect: 100-continue` on the first receive(): none may happen.
+    sent, reads = [], []
+
+    async def receive():
+        reads.append(1)
+        return {"type": "http.request", "body": b"", "more_body": True}
+
+    async def send(message):
+        sent.append(message)
+
+    async def app(scope, receive, send):
+        raise AssertionError("the app must not see a body over the cap")
+
+    headers = [(b"content-length", str(200 << 20).encode()), (b"expect", b"100-continue")]
+    asyncio.run(BodyLimit(app, (100 << 20) + (64 << 10))({"type": "http", "headers": headers}, receive, send))
+    assert sent[0]["status"] == 413 and not reads
+    assert b"upload is 200 MB; the limit is 100 MB" in sent[1]["body"] and b"upload_too_large" in sent[1]["body"]
+
+
+def test_only_a_short_plain_request_id_is_passed_on():
+    seen = []
+
+    async def app(scope, receive, send):
+        seen.append(dict(scope["headers"]).get(b"x-request-id"))
+
+    for given in (b"trace-1234", b"x" * 8192, b"a b<script>"):
+        asyncio.run(BodyLimit(app)({"type": "http", "headers": [(b"x-request-id", given)]}, None, None))
+    assert seen == [b"trace-1234", None, None]

@@ -186,12 +186,12 @@ class InProcessDecoders:
     def close_job(self):
         return _Call(lambda job_id: self.closed.append(job_id))
 
-    def remote(self, video, info, job_id, index):
+    def remote(self, video, info, job_id, index, chunk_frames):
         replica = self.replicas[self.calls % len(self.replicas)]
         self.calls += 1
         self.in_flight += 1
         self.most_in_flight = max(self.most_in_flight, self.in_flight)
-        return _Response(self, lambda: replica.chunk(video, info, job_id, index))
+        return _Response(self, lambda: replica.chunk(video, info, job_id, index, chunk_frames))
 
 
 class _Call:
@@ -254,3 +254,20 @@ def test_a_reader_that_passed_chunks_asked_for_later_stays_open_until_they_are_s
     six = readers.chunk(video, info, "job", 6)
     check(last, 7, full), check(six, 6, full)
     assert not six.opened and readers.jobs() == [] and spool_dir() == []
+
+
+def test_chunks_of_large_pictures_hold_fewer_frames():
+    from fractions import Fraction
+
+    from serve_app.media import VideoInfo
+    from serve_app.pipeline import CHUNK_BYTES, chunk_frames_for
+
+    def info(width, height):
+        return VideoInfo(width, height, 100, tuple(range(100)), Fraction(1, 25), Fraction(25))
+
+    assert chunk_frames_for(info(1280, 720)) == 16
+    assert chunk_frames_for(info(1920, 1080)) == 10
+    assert chunk_frames_for(info(3840, 2160)) == 2
+    assert chunk_frames_for(info(7680, 4320)) == 1  # never none
+    for width, height in ((1920, 1080), (3840, 2160)):
+        assert chunk_frames_for(info(width, height)) * width * height * 3 <= CHUNK_BYTES
