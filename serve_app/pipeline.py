@@ -111,7 +111,8 @@ class FrameBuffer:
     """The input's pixels for overlays, by frame index, read forward.
 
     In one process the tracker reads its chunks through the buffer, so each decoded frame
-    serves both; in the graph nothing else reads them and `frame(i)` reads on. A chunk is
+    serves both; in the graph nothing else reads them and `frame(i)` reads on. `frame(i)` is the
+    compositor's to draw on: the tracker has read frame i before its detections came. A chunk is
     released once the compositor has passed it: memory follows the tracker's lag behind its
     input, not the video's length.
     """
@@ -219,7 +220,7 @@ def write(batches: Iterable[TrackedBatch], frames: FrameBuffer | None, info: Vid
 
     timings, composite_s = StageTimings(), 0.0
     width, height = info.display_size
-    compositor = Compositor(config.mode, config.alpha, height=height, width=width)
+    compositor = Compositor(config.mode, config.alpha, height=height, width=width, in_place=True)
     written = 0
     with Mp4Writer(dst_path, info, audio_source=src_path, preset=preset or DEFAULT_PRESETS[config.mode]) as writer:
         # libx264 and the colour conversion run in their own thread while the next frame is composited.

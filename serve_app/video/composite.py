@@ -44,11 +44,12 @@ def _bbox(mask: np.ndarray) -> tuple[int, int, int, int] | None:
     return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
 
 
-def render_overlay(frame: np.ndarray, dets: Detections, alpha: float) -> np.ndarray:
-    """(H, W, 3) uint8 RGB: `frame` with each object's mask, box and `id=<N>, p=<score>` label."""
+def render_overlay(frame: np.ndarray, dets: Detections, alpha: float, in_place: bool = False) -> np.ndarray:
+    """(H, W, 3) uint8 RGB: `frame` with each object's mask, box and `id=<N>, p=<score>` label;
+    drawn on `frame` itself with `in_place` (a C-contiguous uint8 RGB frame)."""
     import cv2
 
-    overlay = np.array(frame[..., :3], dtype=np.uint8, order="C", copy=True)
+    overlay = frame if in_place else np.array(frame[..., :3], dtype=np.uint8, order="C", copy=True)
     height, width = overlay.shape[:2]
     for i in range(len(dets)):
         mask = dets.masks[i]
@@ -81,17 +82,20 @@ class Compositor:
     """Renders one output picture per frame for a job's `mode` and `alpha`.
 
     `Compositor(mode, alpha, height, width)(frame, dets)`: in mask mode `frame` may be None
-    (the mask needs no pixels) and the result is (H, W) gray; in overlay mode it is (H, W, 3) RGB.
+    (the mask needs no pixels) and the result is (H, W) gray; in overlay mode it is (H, W, 3) RGB,
+    drawn on `frame` itself when `in_place` (a frame nothing reads afterwards: a copy per frame
+    cost more than the drawing).
     """
 
-    def __init__(self, mode: str, alpha: float, height: int, width: int) -> None:
+    def __init__(self, mode: str, alpha: float, height: int, width: int, in_place: bool = False) -> None:
         if mode not in ("mask", "overlay"):
             raise ValueError(f"mode is {mode!r}; it must be 'mask' or 'overlay'")
         self.mode, self.alpha, self.height, self.width = mode, float(alpha), height, width
+        self.in_place = in_place
 
     def __call__(self, frame: np.ndarray | None, dets: Detections) -> np.ndarray:
         if self.mode == "mask":
             return render_mask(dets, self.height, self.width)
         if frame is None:
             raise ValueError("overlay mode needs the frame's pixels")
-        return render_overlay(frame, dets, self.alpha)
+        return render_overlay(frame, dets, self.alpha, self.in_place)

@@ -79,3 +79,13 @@ def test_compositor_picks_the_mode_and_keeps_the_input_frame_intact():
     assert out.shape == (48, 64, 3) and out.any() and not frame.any()
     with pytest.raises(ValueError, match="needs the frame"):
         Compositor("overlay", 0.5, 48, 64)(None, dets)
+
+
+def test_drawing_in_place_gives_the_same_picture_without_a_copy():
+    rng = np.random.default_rng(5)
+    frame = rng.integers(0, 256, (90, 160, 3), dtype=np.uint8)
+    dets = blobs(90, 160, 3, seed=8)
+    copied = Compositor("overlay", 0.4, 90, 160)(frame, dets)
+    assert not np.shares_memory(copied, frame)
+    drawn = Compositor("overlay", 0.4, 90, 160, in_place=True)(frame, dets)
+    assert drawn is frame and np.array_equal(drawn, copied)
