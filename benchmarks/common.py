@@ -148,3 +148,11 @@ def blobs(height: int, width: int, n: int, seed: int = 0, ids=None) -> "Detectio
         boxes_xywh=np.asarray(boxes, np.float32),
         masks=np.stack(masks),
     )
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -57,6 +57,13 @@ class AppArgs(BaseModel):
     upload_idle_s: float = Field(15.0, gt=0)
     upload_min_bytes_per_s: int = Field(32 * 1024, ge=0)
     job_timeout_s: float = Field(3600.0, gt=0, description="A job still running after this is stopped (504).")
+    # Async jobs (POST /v2/job/async): records in job_db, files under job_store; both shared by
+    # every ingress replica. A local directory alone keeps its SQLite file in it too.
+    job_store: str = Field("~/.local/share/sam3-video/jobs", description="fsspec URL: a directory, s3://..., gs://...")
+    job_db: str | None = Field(None, description="SQLAlchemy URL, e.g. postgresql+psycopg://...; default SQLite in job_store.")
+    job_ttl_s: float = Field(24 * 3600.0, gt=0, description="Jobs and their files are deleted this long after submission.")
+    max_queued_jobs: int = Field(100, ge=1, description="Async jobs waiting beyond this are refused with 429.")
+    job_stale_s: float = Field(60.0, gt=0, description="A running job silent this long is queued again once, then failed.")
     # Requests Serve's proxy holds for a busy ingress; past it the proxy answers 429 +
     # Retry-After. Serve counts a request as queued until a replica is picked, even one with
     # room, so this must exceed the largest burst of simultaneous arrivals to refuse only floods.
@@ -86,7 +93,7 @@ class AppArgs(BaseModel):
 
 
 def build_app(args: dict[str, Any] | AppArgs | None = None):
-    from serve_app.api.ingress import IngressDeployment
+    from serve_app.api.ingress import IngressDeployment, IngressSettings
     from serve_app.api.upload import Pace
     from serve_app.graph.deployments import DecoderDeployment, EncoderDeployment, TrackerDeployment
     from serve_app.graph.pull import RemoteDecoder
@@ -127,5 +134,7 @@ def build_app(args: dict[str, Any] | AppArgs | None = None):
         ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=slots * 2,
         max_queued_requests=a.ingress_max_queued_requests,
         backpressure_config={"status_code": 429, "retry_after_s": a.retry_after_s}, **quick_stop
-    ).bind(encoder, a.limits, a.auth_tokens_env, a.max_inflight_per_ingress, a.max_uploads_per_ingress,
-           a.max_uploads_per_client, a.retry_after_s, Pace(a.upload_idle_s, a.upload_min_bytes_per_s), a.job_timeout_s)
+    ).bind(encoder, IngressSettings(
+        a.limits, a.auth_tokens_env, a.max_inflight_per_ingress, a.max_uploads_per_ingress, a.max_uploads_per_client,
+        a.retry_after_s, Pace(a.upload_idle_s, a.upload_min_bytes_per_s), a.job_timeout_s, a.job_store, a.job_db,
+        a.job_ttl_s, a.max_queued_jobs, a.job_stale_s))

@@ -55,6 +55,8 @@ def _tracker(args: argparse.Namespace):
 
 def _config(args: argparse.Namespace) -> JobConfig:
     extensions = {} if args.max_objects is None else {"max_objects": args.max_objects}
+    if args.objects:
+        extensions["outputs"] = ["video", "objects"]
     return parse_config({"prompt": args.prompt, "mode": args.mode, "alpha": args.alpha,
                          "confidence_threshold": args.confidence_threshold, **extensions})
 
@@ -66,7 +68,14 @@ def _app_args(args: argparse.Namespace, joining: bool) -> dict[str, Any]:
     app: dict[str, Any] = {"tracker": tracker.model_dump()}
     if not joining and tracker.num_gpus and not _has_cuda():
         app["tracker_num_gpus"] = 0  # the tracker runs on this machine's CPU
-    return app | _pairs(getattr(args, "arg", []), "--arg")
+    app |= _pairs(getattr(args, "arg", []), "--arg")
+    if not joining:  # the job store is on this machine: fail here, in one line
+        from serve_app.app import AppArgs
+        from serve_app.jobs.store import JobStore
+
+        a = AppArgs.model_validate(app)
+        JobStore(os.path.expanduser(a.job_store), a.job_db)
+    return app
 
 
 def _has_cuda() -> bool:
@@ -87,31 +96,42 @@ def _segment(args: argparse.Namespace) -> None:
 
         tracker = _tracker(args)
         tracker.preflight()
+        objects = _objects_path(args.output) if "objects" in config.outputs else None
         with tqdm(unit="frame", desc="segment", disable=args.quiet) as bar:
-
-            def progress(done: int, total: int) -> None:
-                bar.total = total
-                bar.update(done - bar.n)
-
-            timings = run_local(args.input, args.output, config, tracker.build(), progress=progress)
+            timings = run_local(args.input, args.output, config, tracker.build(), objects_path=objects,
+                                progress=lambda done, total: _advance(bar, done, total))
         return _done(args, _summary(timings))
     from serve_app import client
 
     with open(args.input, "rb") as f:
         video = f.read()
-    app_args = None if args.url else _app_args(args, joining=False)
-    with tqdm(total=1, desc=f"segment via {args.url or 'embedded Ray'}", unit="job", disable=args.quiet) as bar:
-        if args.url:
-            mp4, headers = client.segment_via_url(args.url, video, config, token=os.environ.get("SAM3_VIDEO_TOKEN"))
-            summary = ", ".join(f"{k[2:-3]} {v} ms" for k, v in headers.items() if k.lower().endswith("-ms"))
-        else:
-            handle = client.start_graph(app_args)
-            result = handle.segment_result.remote(video, config).result()
-            mp4, summary = result.mp4, _summary(result.timings)
-        bar.update(1)
+    if args.url:  # the async API: a real per-frame progress bar, and no proxy timeout to meet
+        with tqdm(unit="frame", desc=f"segment via {args.url}", disable=args.quiet) as bar:
+            files, job = client.segment_via_url(args.url, video, config, token=os.environ.get("SAM3_VIDEO_TOKEN"),
+                                                progress=lambda done, total: _advance(bar, done, total))
+        mp4, summary = files["output.mp4"], f"job {job['id']}, {job['progress']['elapsed_s']} s"
+        objects = files.get("objects.json")
+    else:
+        app_args = _app_args(args, joining=False)
+        with tqdm(total=1, desc="segment via embedded Ray", unit="job", disable=args.quiet) as bar:
+            result = client.start_graph(app_args).segment_result.remote(video, config).result()
+            bar.update(1)
+        mp4, summary, objects = result.mp4, _summary(result.timings), result.objects
     with open(args.output, "wb") as f:
         f.write(mp4)
+    if objects is not None:
+        with open(_objects_path(args.output), "wb") as f:
+            f.write(objects)
     _done(args, summary)
+
+
+def _advance(bar, done: int, total: int) -> None:
+    bar.total = total
+    bar.update(done - bar.n)
+
+
+def _objects_path(output: str) -> str:
+    return os.path.splitext(output)[0] + ".objects.json"
 
 
 def _summary(timings) -> str:
@@ -177,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--alpha", type=float, default=0.5, help="mask opacity in overlay mode")
     seg.add_argument("--confidence-threshold", type=float, default=0.5)
     seg.add_argument("--max-objects", type=int, help="objects tracked at most, 1-64 (default 16)")
+    seg.add_argument("--objects", action="store_true",
+                     help="also write OUTPUT.objects.json: every frame's objects, masks as COCO RLE")
     tracker_flags(seg)
     where = seg.add_mutually_exclusive_group()
     where.add_argument("--local", action="store_true", help="run every stage in this process (no Ray)")

@@ -7,10 +7,11 @@ import os
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from typing import Any
 
 from serve_app.contract import JOB_TYPE, JobConfig
-from serve_app.errors import ModelUnavailable, ServiceError, error_from_code
+from serve_app.errors import JobTimeout, ModelUnavailable, ServiceError, error_from_code
 
 
 def start_graph(app_args: dict[str, Any], address: str | None = None, http: tuple[str, int] | None = None):
@@ -47,18 +48,36 @@ def multipart_job(job: dict, video: bytes) -> tuple[bytes, str]:
 
 
 def segment_via_url(url: str, video: bytes, config: JobConfig, token: str | None = None,
-                    timeout_s: float = 3600) -> tuple[bytes, dict[str, str]]:
-    """POST /v2/job to a running service; returns (mp4, response headers). Errors come back
-    as the service's typed errors, rebuilt from the `code` the answer carries."""
+                    progress: Callable[[int, int], None] | None = None, poll_s: float = 0.5,
+                    timeout_s: float = 3600) -> tuple[dict[str, bytes], dict]:
+    """Run a job on a running service through its async API: submit, follow its progress
+    (`progress(frames done, frames in all)`), fetch its files. Returns ({name: bytes}, the
+    job JSON). Errors come back as the service's typed errors, rebuilt from their `code`."""
+    base = url.rstrip("/") + "/v2/job/async"
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     body, ctype = multipart_job({"type": JOB_TYPE, "config": config.echo()}, video)
-    request = urllib.request.Request(url.rstrip("/") + "/v2/job", data=body, method="POST",
-                                     headers={"Content-Type": ctype, "Accept": "video/mp4"})
-    if token:
-        request.add_header("Authorization", f"Bearer {token}")
+    job = json.loads(_call("POST", base, body, {**headers, "Content-Type": ctype}))
+    deadline = time.monotonic() + timeout_s
+    while job["state"]["current"] not in ("processed", "failed"):
+        if time.monotonic() > deadline:
+            raise JobTimeout(f"job {job['id']} was not done within {timeout_s:g} s")
+        time.sleep(poll_s)
+        job = json.loads(_call("GET", f"{base}/{job['id']}/job.json", None, headers))
+        if progress is not None and job["progress"]["frames_total"]:
+            progress(job["progress"]["frames_done"], job["progress"]["frames_total"])
+    if job["state"]["current"] == "failed":
+        raise error_from_code(job.get("code"), job.get("error") or "the job failed")
+    names = json.loads(_call("GET", f"{base}/{job['id']}/output", None, headers))
+    return {name: _call("GET", f"{base}/{job['id']}/output/{name}", None, headers) for name in names}, job
+
+
+def _call(method: str, url: str, body: bytes | None, headers: dict[str, str]) -> bytes:
+    """One request; 429 waits Retry-After and tries again (10 times), as the official client does."""
+    request = urllib.request.Request(url, data=body, method=method, headers=headers)
     for attempt in range(10):
         try:
-            with urllib.request.urlopen(request, timeout=timeout_s) as response:
-                return response.read(), dict(response.headers)
+            with urllib.request.urlopen(request, timeout=300) as response:
+                return response.read()
         except urllib.error.HTTPError as exc:
             if exc.code == 429 and attempt < 9:
                 time.sleep(float(exc.headers.get("Retry-After", "5")))

@@ -60,8 +60,10 @@ class JobConfig(BaseModel):
     )
     mode: Mode = Field("mask", description="mask: white where any kept object is; overlay: drawn on the input.")
     alpha: float = Field(0.5, ge=0.0, le=1.0, strict=True, description="Mask opacity in overlay mode.")
-    # An extension of the API we follow: echoed in the job JSON only when the client sent it.
+    # Extensions of the API we follow: echoed in the job JSON only when the client sent them.
     max_objects: int = Field(16, ge=1, le=64, strict=True, description="Objects tracked at most (the highest-scoring).")
+    outputs: list[Literal["video", "objects"]] = Field(
+        default_factory=lambda: ["video"], description='"video" (the mp4), and "objects" for objects.json.')
 
     @field_validator("prompt")
     @classmethod
@@ -74,9 +76,16 @@ class JobConfig(BaseModel):
             raise ValueError("has no visible character")
         return value
 
+    @field_validator("outputs")
+    @classmethod
+    def _with_video(cls, value: list[str]) -> list[str]:
+        if "video" not in value or len(set(value)) != len(value):
+            raise ValueError('must name "video" once, and may add "objects"')
+        return value
+
     def echo(self) -> dict[str, Any]:
         """The config as the job JSON shows it: extension fields only when they were sent."""
-        return self.model_dump(exclude=None if "max_objects" in self.model_fields_set else {"max_objects"})
+        return self.model_dump(exclude={"max_objects", "outputs"} - self.model_fields_set)
 
 
 class Job(BaseModel):

@@ -101,6 +101,12 @@ class JobTimeout(ServiceError):
     code = "job_timeout"
 
 
+class JobNotDone(ServiceError):
+    """An async job's result was asked for before it was processed."""
+
+    code = "job_not_done"
+
+
 class ModelUnavailable(ServiceError):
     """The model cannot be loaded (no weights configured, no device)."""
 
@@ -116,6 +122,7 @@ HTTP_STATUS: tuple[tuple[type[ServiceError], int], ...] = (
     (NotFound, 404),
     (MethodNotAllowed, 405),
     (UploadTimeout, 408),
+    (JobNotDone, 409),
     (UploadTooLarge, 413),
     (VideoLimitExceeded, 413),
     (UnsupportedMedia, 415),

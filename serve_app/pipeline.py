@@ -21,7 +21,8 @@ from __future__ import annotations
 import os
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
+from contextlib import closing, nullcontext
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
@@ -208,21 +209,25 @@ def track(tracker: Tracker, frames: FrameSource, info: VideoInfo, config: JobCon
 
 def write(batches: Iterable[TrackedBatch], frames: FrameBuffer | None, info: VideoInfo, config: JobConfig,
           src_path: str | os.PathLike, dst_path: str | os.PathLike, *, preset: str | None = None,
-          progress: Progress | None = None, deadline: Deadline | None = None) -> StageTimings:
-    """Composite each frame's detections and encode the mp4 (audio from `src_path`).
+          objects_path: str | os.PathLike | None = None,
+          deadline: Deadline | None = None) -> Generator[int, None, StageTimings]:
+    """Composite each frame's detections and encode the mp4 (audio from `src_path`), and with
+    `objects_path` write objects.json (video/objects.py).
 
     `batches` must hold exactly one Detections per frame, in order; `frames` gives the input's
-    pixels in overlay mode (None in mask mode). Returns the tracker stage's timings with
-    composite and encode added."""
+    pixels in overlay mode (None in mask mode). Yields the frames written so far after each
+    frame; returns the tracker stage's timings with composite and encode added (`finish`)."""
     from serve_app.video.composite import Compositor
     from serve_app.video.encode import Mp4Writer
+    from serve_app.video.objects import ObjectsWriter
     from serve_app.video.threads import WriteBehind
 
     timings, composite_s = StageTimings(), 0.0
     width, height = info.display_size
     compositor = Compositor(config.mode, config.alpha, height=height, width=width, in_place=True)
     written = 0
-    with Mp4Writer(dst_path, info, audio_source=src_path, preset=preset or DEFAULT_PRESETS[config.mode]) as writer:
+    with Mp4Writer(dst_path, info, audio_source=src_path, preset=preset or DEFAULT_PRESETS[config.mode]) as writer, \
+            closing(ObjectsWriter(objects_path, info)) if objects_path else nullcontext() as objects:
         # libx264 and the colour conversion run in their own thread while the next frame is composited.
         encoder = WriteBehind(writer.write, depth=4, name="encode")
         try:
@@ -234,12 +239,13 @@ def write(batches: Iterable[TrackedBatch], frames: FrameBuffer | None, info: Vid
                     if deadline is not None:
                         deadline.check(written)
                     t = time.perf_counter()
+                    if objects is not None:
+                        objects.add(dets)
                     picture = compositor(frames.frame(written) if frames is not None else None, dets)
                     composite_s += time.perf_counter() - t
                     encoder.put(picture)  # waits while the encoder is behind; its busy time is encode_ms
                     written += 1
-                    if progress is not None:
-                        progress(written, info.num_frames)
+                    yield written
         except BaseException:
             encoder.close(raise_failure=False)  # the error in hand is the one to report
             raise
@@ -252,10 +258,22 @@ def write(batches: Iterable[TrackedBatch], frames: FrameBuffer | None, info: Vid
                    encode_ms=(encoder.busy_s + time.perf_counter() - t) * 1e3)
 
 
+def finish(steps: Generator[int, None, StageTimings], total: int, progress: Progress | None = None) -> StageTimings:
+    """Run `write`'s steps to the end, telling `progress` (frames written, frames in all)."""
+    while True:
+        try:
+            done = next(steps)
+        except StopIteration as end:
+            return end.value
+        if progress is not None:
+            progress(done, total)
+
+
 def run_local(src_path: str | os.PathLike, dst_path: str | os.PathLike, config: JobConfig, tracker: Tracker,
               limits: Limits = Limits(), progress: Progress | None = None, chunk_frames: int = 16,
-              preset: str | None = None) -> StageTimings:
-    """Segment `src_path` into `dst_path` in this process. Returns per-stage milliseconds."""
+              preset: str | None = None, objects_path: str | os.PathLike | None = None) -> StageTimings:
+    """Segment `src_path` into `dst_path` (and objects.json into `objects_path`) in this
+    process. Returns per-stage milliseconds."""
     from serve_app.video.probe import probe
 
     start = time.perf_counter()
@@ -265,7 +283,8 @@ def run_local(src_path: str | os.PathLike, dst_path: str | os.PathLike, config: 
     frames = FrameBuffer(source) if config.mode == "overlay" else None
     batches = track(tracker, frames or source, info, config)
     try:
-        timings = write(batches, frames, info, config, src_path, dst_path, preset=preset, progress=progress)
+        steps = write(batches, frames, info, config, src_path, dst_path, preset=preset, objects_path=objects_path)
+        timings = finish(steps, info.num_frames, progress)
     finally:
         batches.close()  # a tracker stopped early frees its session now
         source.close()

@@ -90,3 +90,20 @@ def bad_uploads(tmp_path_factory):
     from tests.corpus import make_bad_uploads
 
     return make_bad_uploads(tmp_path_factory.mktemp("bad_uploads"))
+
+
+# -- a real PostgreSQL server for the job store's tests ------------------------------------------
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A PostgreSQL server of this session's own (SAM3_VIDEO_TEST_POSTGRES names another), from the
+    system's packages, which .ci/run installs."""
+    from tests.pg import start_postgres
+
+    if os.environ.get("SAM3_VIDEO_TEST_POSTGRES"):
+        yield os.environ["SAM3_VIDEO_TEST_POSTGRES"]
+        return
+    server = start_postgres()
+    if server is None:
+        pytest.skip("PostgreSQL is not installed (.ci/run installs it from the system's packages)")
+    yield server.url
+    server.stop()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+import tempfile
 import time
 from dataclasses import dataclass, field
 from email.parser import BytesParser
@@ -38,6 +39,7 @@ class Cluster:
     http_port: int
     metrics_port: int
     apps: dict[str, str] = field(default_factory=dict)  # app name -> base URL
+    stores: dict[str, str] = field(default_factory=dict)  # app name -> its job_store
 
     @property
     def base(self) -> str:
@@ -48,12 +50,15 @@ class Cluster:
         return f"http://127.0.0.1:{self.metrics_port}/metrics"
 
     def deploy(self, name: str, route_prefix: str, **app_args: Any) -> str:
-        """Deploy `build_app(TEST_APP_ARGS | app_args)` once per session; returns its base URL."""
+        """Deploy `build_app(TEST_APP_ARGS | app_args)` once per session, its async jobs in a
+        store of its own (`job_store`); returns its base URL."""
         if name not in self.apps:
             from ray import serve
 
             from serve_app.app import build_app
 
+            app_args.setdefault("job_store", tempfile.mkdtemp(prefix=f"jobs-{name}-"))
+            self.stores[name] = app_args["job_store"]
             serve.run(build_app({**TEST_APP_ARGS, **app_args}), name=name, route_prefix=route_prefix)
             self.apps[name] = self.base + route_prefix.rstrip("/")
         return self.apps[name]

@@ -15,17 +15,21 @@ import re
 import tempfile
 import time
 from collections import Counter
-from contextlib import contextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 from ray import serve
 
 from serve_app.api.metrics import StageMetrics
-from serve_app.api.upload import SPOOL_PREFIX, Pace
+from serve_app.api.upload import Pace
 from serve_app.contract import JobConfig, Limits, parse_config, size
 from serve_app.errors import ModelError, Overloaded, ServiceError, Unauthorized, UploadTooLarge
-from serve_app.graph.wire import SegmentResult, VideoRef
+from serve_app.graph.wire import SPOOL_PREFIX, JobProgress, SegmentResult, VideoRef
+from serve_app.media import VideoInfo
+from serve_app.jobs.runner import JobRunner
+from serve_app.jobs.store import JobStore
 from serve_app.pipeline import Deadline
 
 log = logging.getLogger("ray.serve")
@@ -38,6 +42,16 @@ class Slots:
     def __init__(self, n: int, what: str, retry_after_s: int, per_client: int = 0) -> None:
         self.n, self.what, self.retry_after_s, self.used = n, what, retry_after_s, 0
         self.per_client, self.clients = per_client, Counter()  # 0: no cap per client
+
+    def acquire(self) -> bool:
+        """One slot, if one is free (the async runner's way in); `release` gives it back."""
+        if self.used >= self.n:
+            return False
+        self.used += 1
+        return True
+
+    def release(self) -> None:
+        self.used -= 1
 
     def check(self, client: str = "") -> None:
         if self.used >= self.n:
@@ -61,6 +75,25 @@ class Slots:
                 del self.clients[client]
 
 
+@dataclass(frozen=True)
+class IngressSettings:
+    """What build_app tells the ingress (serve_app/app.py AppArgs has each field's meaning)."""
+
+    limits: Limits
+    auth_tokens_env: str
+    max_jobs: int
+    max_uploads: int
+    max_uploads_per_client: int
+    retry_after_s: int
+    pace: Pace
+    job_timeout_s: float
+    job_store: str
+    job_db: str | None
+    job_ttl_s: float
+    max_queued_jobs: int
+    job_stale_s: float
+
+
 @dataclass
 class SegmentService:
     encoder: Any                    # the Encoder deployment's handle
@@ -70,6 +103,8 @@ class SegmentService:
     uploads: Slots                  # bodies being received; a stalled one is dropped (pace)
     pace: Pace
     job_timeout_s: float
+    store: JobStore | None = None   # the async jobs' records and files
+    max_queued_jobs: int = 100
     metrics: StageMetrics = field(default_factory=StageMetrics)
 
     def check_auth(self, header: str | None) -> None:
@@ -79,27 +114,31 @@ class SegmentService:
         if scheme.lower() != "bearer" or not any(hmac.compare_digest(token.strip(), t) for t in self.tokens):
             raise Unauthorized("missing or invalid bearer token (Authorization: Bearer <token>)")
 
-    async def run(self, path: str, config: JobConfig, video: VideoRef | None = None) -> SegmentResult:
-        """Probe the upload at `path`, then run the graph on it (`video`: the same bytes already
-        in the object store, else put from `path` once the probe accepts them)."""
+    async def probe(self, path: str) -> VideoInfo:
+        from serve_app.video.probe import probe
+
+        return await asyncio.to_thread(probe, path, self.limits)
+
+    async def run(self, path: str, config: JobConfig, video: VideoRef | None = None, info: VideoInfo | None = None,
+                  on_progress: Callable[[JobProgress], None] | None = None) -> SegmentResult:
+        """Probe the upload at `path` (unless `info` says what it is), then run the graph on it
+        (`video`: the same bytes already in the object store, else put from `path` once the
+        probe accepts them), telling `on_progress` how far it has got as it goes."""
         from ray.exceptions import RayActorError, RayTaskError
         from ray.serve.exceptions import BackPressureError
 
-        from serve_app.video.probe import probe
-
         start = time.perf_counter()
-        info = await asyncio.to_thread(probe, path, self.limits)
+        info = info or await self.probe(path)
         probe_ms = (time.perf_counter() - start) * 1e3
         if video is None:
             with open(path, "rb") as f:
                 video = VideoRef.put(f.read())
         deadline = Deadline(time.time() + self.job_timeout_s, self.job_timeout_s)
-        response = self.encoder.segment.remote(video, info, config, deadline)
+        response = self.encoder.options(stream=True).segment.remote(video, info, config, deadline)
         try:
             # The stages stop themselves at the deadline; this answers even if one is stuck.
-            result: SegmentResult = await asyncio.wait_for(_result(response), self.job_timeout_s + 30)
+            result = await asyncio.wait_for(_last(response, on_progress), self.job_timeout_s + 30)
         except asyncio.TimeoutError:
-            response.cancel()
             raise deadline.passed() from None
         except BackPressureError:
             raise Overloaded("the segmentation queue is full; retry later", self.jobs.retry_after_s) from None
@@ -119,27 +158,32 @@ class SegmentService:
 
     async def segment(self, video: Any, config: JobConfig | dict) -> SegmentResult:
         """The handle API's job: `video` is the mp4's bytes or an ObjectRef of them."""
-        import ray
-
         cfg = config if isinstance(config, JobConfig) else parse_config(config)
         with self.jobs.take():
-            if isinstance(video, ray.ObjectRef):
-                data, ref = await video, VideoRef(ref=video)  # the stages read the caller's object
-            else:
-                data, ref = bytes(video), None
-            if len(data) > self.limits.max_bytes:
-                raise UploadTooLarge(f"upload is {size(len(data))}; the limit is {size(self.limits.max_bytes)}")
-            ref = ref or VideoRef.put(data)  # put only once the size is known to be acceptable
-            fd, path = tempfile.mkstemp(prefix=SPOOL_PREFIX, suffix=".mp4")
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            del data
-            try:
+            async with self.bytes_on_disk(video) as (path, ref):
                 result = await self.run(path, cfg, ref)
-            finally:
-                os.unlink(path)
         self.finished("handle", 200, result)
         return result
+
+    @asynccontextmanager
+    async def bytes_on_disk(self, video: Any):
+        """(a temporary file, a VideoRef) of a handle call's video (bytes or an ObjectRef),
+        refused over the byte limit before it is put anywhere."""
+        import ray
+
+        if isinstance(video, ray.ObjectRef):
+            data, ref = await video, VideoRef(ref=video)  # the stages read the caller's object
+        else:
+            data, ref = bytes(video), None
+        if len(data) > self.limits.max_bytes:
+            raise UploadTooLarge(f"upload is {size(len(data))}; the limit is {size(self.limits.max_bytes)}")
+        fd, path = tempfile.mkstemp(prefix=SPOOL_PREFIX, suffix=".mp4")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            yield path, ref  # None: run() puts the file once the probe accepts it
+        finally:
+            os.unlink(path)
 
     def finished(self, job_id: str, status: int, result: SegmentResult | None, exc: BaseException | None = None) -> None:
         """The job's one log line and its metrics."""
@@ -156,8 +200,21 @@ class SegmentService:
             log.info("job %s %d: %s", job_id, status, exc)
 
 
-async def _result(response):
-    return await response
+async def _last(stream, on_progress) -> SegmentResult:
+    """The encoder's result at the end of its stream; its progress on the way. A stream left
+    early (deadline, cancelled job, client gone) is cancelled, and the stages with it."""
+    done = False
+    try:
+        async for item in stream:
+            if isinstance(item, SegmentResult):
+                done = True
+                return item
+            if on_progress is not None:
+                on_progress(item)
+        raise ModelError("the encoder's stream ended without a result")
+    finally:
+        if not done:
+            stream.cancel()
 
 
 def _replica_died(exc: BaseException) -> ModelError:
@@ -177,12 +234,16 @@ class IngressDeployment:
         mp4: bytes = handle.segment.remote(video_bytes_or_ObjectRef, {"prompt": "fish"}).result()
     """
 
-    def __init__(self, encoder: Any, limits: Limits, auth_tokens_env: str, max_jobs: int, max_uploads: int,
-                 max_uploads_per_client: int, retry_after_s: int, pace: Pace, job_timeout_s: float) -> None:
-        tokens = {t.strip() for t in os.environ.get(auth_tokens_env, "").split(",") if t.strip()}
-        uploads = Slots(max_uploads, "uploads arriving", retry_after_s, max_uploads_per_client)
-        self.service = SegmentService(encoder, limits, tokens, Slots(max_jobs, "jobs running", retry_after_s),
-                                      uploads, pace, job_timeout_s)
+    async def __init__(self, encoder: Any, settings: IngressSettings) -> None:
+        s = settings
+        tokens = {t.strip() for t in os.environ.get(s.auth_tokens_env, "").split(",") if t.strip()}
+        store = await asyncio.to_thread(JobStore, os.path.expanduser(s.job_store), s.job_db)  # fails the replica here
+        self.service = SegmentService(
+            encoder, s.limits, tokens, Slots(s.max_jobs, "jobs running", s.retry_after_s),
+            Slots(s.max_uploads, "uploads arriving", s.retry_after_s, s.max_uploads_per_client), s.pace,
+            s.job_timeout_s, store, s.max_queued_jobs)
+        self.runner = JobRunner(store, self.service, stale_s=s.job_stale_s, ttl_s=s.job_ttl_s)
+        self._loop = asyncio.get_running_loop().create_task(self.runner.loop())
 
     def __serve_build_asgi_app__(self):
         from serve_app.api.routes import make_app
@@ -200,5 +261,25 @@ class IngressDeployment:
         return (await self.service.segment(video, config)).mp4
 
     async def segment_result(self, video: Any, config: JobConfig | dict) -> SegmentResult:
-        """As `segment`, with the per-stage timings (`.timings`) and frame count."""
+        """As `segment`, with the per-stage timings (`.timings`), the frame count, and
+        `.objects` (objects.json) when the config's outputs ask for it."""
         return await self.service.segment(video, config)
+
+    async def submit(self, video: Any, config: JobConfig | dict) -> str:
+        """Queue an async job (as POST /v2/job/async); returns its id."""
+        from serve_app.api.async_jobs import submit_job
+
+        return await submit_job(self.service, video, config)
+
+    async def status(self, job_id: str) -> dict:
+        """The async job's JSON (as GET /v2/job/async/{id}/job.json)."""
+        from serve_app.api.async_jobs import job_status
+
+        return await job_status(self.service, job_id)
+
+    async def result(self, job_id: str) -> dict[str, bytes]:
+        """The finished job's files by name ({"output.mp4": ..., "objects.json": ...}); raises
+        JobNotDone while it runs, and its own error type if it failed."""
+        from serve_app.api.async_jobs import job_result
+
+        return await job_result(self.service, job_id)

@@ -51,6 +51,25 @@ class JobRecord:
         return body
 
 
+def async_job_json(row, config: JobConfig | None = None) -> dict[str, Any]:
+    """An async job's JSON (serve_app/jobs/store.py JobRow): its state, progress and outcome."""
+    now = time.time()
+    elapsed = (row.finished_at or now) - (row.started_at or now)
+    done, total = row.frames_done, row.frames_total
+    body: dict[str, Any] = {
+        "id": row.id, "type": JOB_TYPE,
+        "config": (config or JobConfig.model_validate(row.config)).echo(),
+        "state": {"current": row.state},
+        "created_at": _iso(row.created_at), "updated_at": _iso(row.updated_at),
+        "progress": {"stage": row.stage, "frames_done": done, "frames_total": total,
+                     "elapsed_s": round(elapsed, 1),
+                     "eta_s": round(elapsed / done * (total - done), 1) if 0 < done < total else None},
+    }
+    if row.error:
+        body["error"], body["code"] = row.error, row.code
+    return body
+
+
 def _iso(t: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z"
 
@@ -78,8 +97,9 @@ def success(job: JobRecord, result: SegmentResult, accept: str | None, headers: 
 
     headers = headers | timing_headers(result)
     if wants_multipart(accept):
+        objects = [("objects", "objects.json", "application/json", result.objects)] if result.objects else []
         body, ctype = multipart_body([("job", "job.json", "application/json", json.dumps(job.json(result=result)).encode()),
-                                      ("output", "output.mp4", "video/mp4", result.mp4)])
+                                      ("output", "output.mp4", "video/mp4", result.mp4), *objects])
         return Response(body, status_code=200, media_type=ctype, headers=headers)
     return Response(result.mp4, status_code=200, media_type="video/mp4", headers=headers)
 

@@ -1,4 +1,6 @@
-"""Prometheus metrics per stage, exported through Ray's metrics endpoint on each node."""
+"""Prometheus metrics, exported through Ray's metrics endpoint on each node: time per stage,
+answers by status, and the async jobs: the store's queue as each ingress replica sees it (take
+the max over replicas), the jobs each one runs (sum them), and how long jobs took."""
 
 from __future__ import annotations
 
@@ -11,14 +13,27 @@ BOUNDARIES = [10, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 1200
 class StageMetrics:
     def __init__(self) -> None:
         try:
-            from ray.serve.metrics import Counter, Histogram
+            from ray.serve.metrics import Counter, Gauge, Histogram
 
             self.latency = Histogram("sam3_video_stage_ms", description="Time per pipeline stage per job.",
                                      boundaries=BOUNDARIES, tag_keys=("stage",))
             self.requests = Counter("sam3_video_requests", description="Jobs answered, by HTTP status.",
                                     tag_keys=("status",))
+            self.queued = Gauge("sam3_video_jobs_queued", description="Async jobs waiting in the store.")
+            self.processing = Gauge("sam3_video_jobs_processing", description="Async jobs this replica runs.")
+            self.job_s = Histogram("sam3_video_job_seconds", description="Async jobs, submit to done, by state.",
+                                   boundaries=[s / 1000 for s in BOUNDARIES], tag_keys=("state",))
         except Exception:  # outside a Ray worker (local testing mode): no exporter to report to
-            self.latency = self.requests = None
+            self.latency = self.requests = self.queued = self.processing = self.job_s = None
+
+    def jobs(self, queued: int, processing: int) -> None:
+        if self.queued is not None:
+            self.queued.set(queued)
+            self.processing.set(processing)
+
+    def job_done(self, state: str, seconds: float) -> None:
+        if self.job_s is not None:
+            self.job_s.observe(seconds, tags={"state": state})
 
     def observe(self, timings: StageTimings) -> None:
         if self.latency is None:

@@ -13,12 +13,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from pathlib import Path
 from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import PlainTextResponse
+from starlette.responses import HTMLResponse, PlainTextResponse
 from starlette.routing import Route
 
 from serve_app.api import job as answers
@@ -31,16 +32,21 @@ from serve_app.errors import ClientGone, InvalidJob, MethodNotAllowed, NotFound,
 log = logging.getLogger("ray.serve")
 
 _FLOATS = ("confidence_threshold", "alpha")
+PAGE = Path(__file__).with_name("page.html")
 
 
 def make_app(service) -> Starlette:
     """The ASGI app of one ingress replica, answering for `service` (a SegmentService)."""
+    from serve_app.api import async_jobs
+
     app = Starlette(
         routes=[
             Route("/v2/job", post_job, methods=["POST"]),
             Route("/v2/segment", post_segment, methods=["POST"]),
+            *async_jobs.routes(),
             Route("/healthz", health, methods=["GET"]),
             Route("/v2/health", health, methods=["GET"]),
+            Route("/", page, methods=["GET"]),
         ],
         exception_handlers={ServiceError: render_error, HTTPException: render_error},
     )
@@ -50,6 +56,11 @@ def make_app(service) -> Starlette:
 
 async def health(request: Request) -> PlainTextResponse:
     return PlainTextResponse("ok")
+
+
+async def page(request: Request) -> HTMLResponse:
+    """A page to try the service in a browser (api/page.html): no build step, nothing external."""
+    return HTMLResponse(PAGE.read_text())
 
 
 def job_route(endpoint):
@@ -85,7 +96,7 @@ def _echo(request: Request, job: JobRecord) -> dict[str, str]:
 @job_route
 async def post_job(request: Request, job: JobRecord):
     service = request.app.state.service
-    upload = await _receive(request, read_multipart(request.stream(), request.headers.get("content-type", ""),
+    upload = await receive(request, read_multipart(request.stream(), request.headers.get("content-type", ""),
                                                     service.limits.max_bytes, service.pace), MULTIPART_SLACK)
     try:
         job.config = parse_job(upload.job).config
@@ -98,21 +109,23 @@ async def post_job(request: Request, job: JobRecord):
 async def post_segment(request: Request, job: JobRecord):
     service = request.app.state.service
     job.config = _query_config(request.query_params)
-    upload = await _receive(request, read_raw(request.stream(), service.limits.max_bytes, service.pace))
+    upload = await receive(request, read_raw(request.stream(), service.limits.max_bytes, service.pace))
     try:
         return await _run(request, job, upload)
     finally:
         os.unlink(upload.path)
 
 
-async def _receive(request: Request, reading, slack: int = 0) -> Upload:
+async def receive(request: Request, reading, slack: int = 0, wait: bool = False) -> Upload:
     """The body, read under an upload slot. Refused before a byte is read when it is declared
-    too large or when every job slot is taken by a running job; a job slot is taken only once
-    the body has arrived, so slow or idle uploads never hold one."""
+    too large or (unless the job will `wait` in the queue) when every job slot is taken by a
+    running job; a job slot is taken only once the body has arrived, so slow or idle uploads
+    never hold one."""
     service = request.app.state.service
     try:
         check_content_length(request.headers.get("content-length"), service.limits.max_bytes, slack)
-        service.jobs.check()
+        if not wait:
+            service.jobs.check()
         with service.uploads.take(request.client.host if request.client else ""):
             return await reading
     finally:

@@ -22,13 +22,13 @@ from typing import Any
 from serve_app.api.proxy import SLACK
 from serve_app.contract import size
 from serve_app.errors import InvalidJob, UploadTimeout, UploadTooLarge
+from serve_app.graph.wire import SPOOL_PREFIX
 
 JOB_PART_LIMIT = 64 * 1024
 MULTIPART_SLACK = SLACK      # part headers and the job JSON beside a video at the limit
 MAX_BOUNDARY = 70            # RFC 2046
 MAX_PART_HEADERS = 4 * 1024  # bytes of headers one part may carry
 MAX_PARTS = 8
-SPOOL_PREFIX = "sam3-video-"  # every temporary file the service writes
 
 
 @dataclass

@@ -10,6 +10,7 @@ import asyncio
 import ctypes
 import os
 import tempfile
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,7 +18,7 @@ from ray import serve
 
 from serve_app.contract import JobConfig
 from serve_app.graph.pull import OpenReaders, RemoteDecoder
-from serve_app.graph.wire import PulledChunk, SegmentResult, VideoRef, spooled
+from serve_app.graph.wire import SPOOL_PREFIX, JobProgress, PulledChunk, SegmentResult, VideoRef, spooled
 from serve_app.media import VideoInfo
 from serve_app.pipeline import DEFAULT_PRESETS, Deadline, FrameBuffer, LocalFrames, TrackedBatch, track, write
 from serve_app.trackers import TrackerConfig
@@ -100,23 +101,49 @@ class EncoderDeployment:
         self.tracker = tracker
         self.presets = {**DEFAULT_PRESETS, **presets}  # libx264 preset by mode
 
-    def segment(self, video: VideoRef, info: VideoInfo, config: JobConfig, deadline: Deadline) -> SegmentResult:
+    def segment(self, video: VideoRef, info: VideoInfo, config: JobConfig,
+                deadline: Deadline) -> Iterator[JobProgress | SegmentResult]:
+        """Streams how far it has got (every `PROGRESS_S`), then the result."""
         batches = self.tracker.options(stream=True).track.remote(video, info, config, deadline)
         try:
-            with spooled(video) as src, tempfile.TemporaryDirectory() as tmp:
+            with spooled(video) as src, tempfile.TemporaryDirectory(prefix=SPOOL_PREFIX) as tmp:
                 # Overlay pixels are decoded here rather than sent on by the tracker: a decode
                 # costs less than a frame's trip through the object store (docs/design.md).
                 source = LocalFrames(src, info) if config.mode == "overlay" else None
+                dst, objects = os.path.join(tmp, "out.mp4"), os.path.join(tmp, "objects.json")
+                steps = write(batches, source and FrameBuffer(source), info, config, src, dst,
+                              preset=self.presets[config.mode], deadline=deadline,
+                              objects_path=objects if "objects" in config.outputs else None)
                 try:
-                    dst = os.path.join(tmp, "out.mp4")
-                    timings = write(batches, source and FrameBuffer(source), info, config, src, dst,
-                                    preset=self.presets[config.mode], deadline=deadline)
+                    timings = yield from _every(steps, info.num_frames, PROGRESS_S)
                 finally:
+                    steps.close()
                     if source is not None:
                         source.close()
-                with open(dst, "rb") as f:
-                    mp4 = f.read()
+                result = SegmentResult(_read(dst), timings, info.num_frames, info.decoder,
+                                       _read(objects) if "objects" in config.outputs else None)
         finally:
             batches.cancel()  # the tracker stops at its next frame if this ended early
             give_back_memory()
-        return SegmentResult(mp4=mp4, timings=timings, num_frames=info.num_frames, decoder=info.decoder)
+        yield result
+
+
+PROGRESS_S = 0.5
+
+
+def _every(steps, total: int, seconds: float):
+    """`write`'s steps, passed on as JobProgress at most every `seconds`; returns its timings."""
+    last = 0.0
+    while True:
+        try:
+            done = next(steps)
+        except StopIteration as end:
+            return end.value
+        if time.monotonic() - last >= seconds:
+            last = time.monotonic()
+            yield JobProgress(done, total)
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()

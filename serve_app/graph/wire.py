@@ -4,7 +4,8 @@
   (decoder; encoder for audio and overlay pixels); wrapping the ObjectRef keeps Ray from
   resolving it into every call's arguments. Without Ray (local testing mode) it holds the bytes.
 - `PulledChunk`: one chunk of frames the tracker asked the decoder for, with what it cost.
-- `SegmentResult`: the mp4 and the per-stage timings, what the graph returns.
+- `JobProgress`: how far the encoder has got, streamed before the result.
+- `SegmentResult`: the mp4 (and objects.json) and the per-stage timings, what the graph returns.
 """
 
 from __future__ import annotations
@@ -41,11 +42,14 @@ class VideoRef:
         return ray.get(self.ref)
 
 
+SPOOL_PREFIX = "sam3-video-"  # every temporary file and folder the service makes
+
+
 @contextmanager
-def spooled(video: VideoRef | bytes) -> Iterator[str]:
+def spooled(video: VideoRef) -> Iterator[str]:
     """The video's bytes as a temporary file (decord and PyAV read paths best)."""
-    data = video.get() if isinstance(video, VideoRef) else video
-    fd, path = tempfile.mkstemp(suffix=".mp4")
+    data = video.get()
+    fd, path = tempfile.mkstemp(prefix=SPOOL_PREFIX, suffix=".mp4")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -65,8 +69,15 @@ class PulledChunk:
 
 
 @dataclass
+class JobProgress:
+    frames_done: int
+    frames_total: int
+
+
+@dataclass
 class SegmentResult:
     mp4: bytes
     timings: StageTimings
     num_frames: int
     decoder: str = ""
+    objects: bytes | None = None   # objects.json, when the job asked for it

@@ -91,3 +91,20 @@ def hostile(cluster) -> str:
         # "slow" jobs take 10 s: past the deadline
         "tracker": {"kind": "import", "path": SCRIPTED_TRACKER, "options": {"delay_s": 0.25}},
     })
+
+
+# The async job apps: the same suite runs on each job database. A scripted tracker that takes
+# 0.2 s a frame on "slow" prompts, one job at a time per tracker replica (so a job that did not
+# free the tracker would hold the next one back), and a runner declared dead after 3 s of silence.
+JOBS_STALE_S = 3
+JOBS_ARGS = {"tracker": {"kind": "import", "path": "tests.doubles:ScriptedTracker", "options": {"delay_s": 0.2}},
+             "tracker_max_ongoing_requests": 1, "job_stale_s": JOBS_STALE_S}
+
+
+@pytest.fixture(scope="session", params=["sqlite", "postgresql"])
+def jobs(request, cluster):
+    """(base URL, app name, its job_store, its job_db) of an async job app on each database."""
+    db = request.getfixturevalue("postgres_url") if request.param == "postgresql" else None
+    name = f"jobs-{request.param}"
+    base = cluster.deploy(name, f"/{name}", **JOBS_ARGS, **({"job_db": db} if db else {}))
+    return base, name, cluster.stores[name], db

@@ -143,8 +143,30 @@ def test_cli_segments_through_a_running_service(graph, shapes, tmp_path, capsys)
     from serve_app.cli import main
 
     out = tmp_path / "out.mp4"
-    assert main(["segment", str(shapes), "-o", str(out), "--prompt", "yellow", "--url", graph, "-q"]) == 0
+    assert main(["segment", str(shapes), "-o", str(out), "--prompt", "slow yellow", "--url", graph, "--objects"]) == 0
     assert mask_iou(out.read_bytes(), {"yellow"}, SHAPES_W, SHAPES_H, SHAPES_N, SHAPES_FPS) > 0.9
+    assert len(json.loads((tmp_path / "out.objects.json").read_text())["frames"]) == SHAPES_N
+    bar = capsys.readouterr().err
+    # a bar that counts frames as the job goes (the job takes ~2 s), not one tick at the end
+    counts = {int(n) for n in re.findall(rf"(\d+)/{SHAPES_N} ", bar)}
+    assert max(counts) == SHAPES_N and len(counts - {0, SHAPES_N}) >= 1, bar
     (tmp_path / "bad.mp4").write_bytes(b"\0" * 1000)
     assert main(["segment", str(tmp_path / "bad.mp4"), "-o", str(out), "--prompt", "red", "--url", graph, "-q"]) == 2
     assert "HTTP 415: not a readable MP4 video" in capsys.readouterr().err
+
+
+def test_the_job_endpoint_adds_objects_json_when_asked(graph, shapes):
+    from pycocotools import mask as rle
+
+    body, ctype = multipart_job({"type": "inference.sam3.segment.video.v1",
+                                 "config": {"prompt": "blue", "outputs": ["video", "objects"]}}, shapes.read_bytes())
+    r = httpx.post(f"{graph}/v2/job", content=body, timeout=60,
+                   headers={"Content-Type": ctype, "Accept": "multipart/form-data"})
+    parts = parse_multipart(r.content, r.headers["content-type"])
+    assert r.status_code == 200 and set(parts) == {"job", "output", "objects"}
+    objects = json.loads(parts["objects"])
+    first = read_video(parts["output"]).frames[0] >= 128
+    (blue,) = objects["frames"][0]
+    assert rle.decode({"size": blue["mask"]["size"], "counts": blue["mask"]["counts"].encode()}).astype(bool).tolist() \
+        == first.tolist()
+    assert len(parts["objects"]) < 40 * SHAPES_W * SHAPES_H // 50  # RLE: far smaller than the bitmaps

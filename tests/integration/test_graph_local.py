@@ -14,10 +14,10 @@ from tests.conftest import SHAPES_FPS, SHAPES_H, SHAPES_N, SHAPES_W
 
 
 @pytest.fixture(scope="module")
-def handle():
+def handle(tmp_path_factory):
     from ray import serve
 
-    return serve.run(build_app({"tracker": "fake", "chunk_frames": 7}),
+    return serve.run(build_app({"tracker": "fake", "chunk_frames": 7, "job_store": str(tmp_path_factory.mktemp("jobs"))}),
                      name="sam3-video-local", _local_testing_mode=True)
 
 
@@ -69,12 +69,12 @@ def test_invalid_config_raises_invalid_job_before_any_work(handle, config, words
         handle.segment.remote(b"not even a video", config).result()
 
 
-def test_bytes_over_the_limit_are_refused_naming_it(clip):
+def test_bytes_over_the_limit_are_refused_naming_it(clip, tmp_path):
     from ray import serve
 
     from serve_app.errors import UploadTooLarge
 
-    small = serve.run(build_app({"tracker": "fake", "limits": {"max_bytes": 1024}}),
+    small = serve.run(build_app({"tracker": "fake", "limits": {"max_bytes": 1024}, "job_store": str(tmp_path)}),
                       name="sam3-video-small", _local_testing_mode=True)
     with pytest.raises(UploadTooLarge, match=r"upload is \d+ KB; the limit is 1 KB"):
         small.segment.remote(clip, {"prompt": "red"}).result()

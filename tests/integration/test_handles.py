@@ -43,3 +43,39 @@ def test_errors_arrive_as_the_service_types_with_their_message(app):
     with pytest.raises(InvalidJob) as caught:
         app.segment.remote(b"x", {"prompt": "red", "alpha": 2}).result()
     assert caught.value.message == "config.alpha is 2; it must be between 0.0 and 1.0"
+
+
+def test_async_jobs_through_the_handle(app, shapes):
+    import time
+
+    from serve_app.errors import JobNotDone, NotFound
+
+    job_id = app.submit.remote(shapes.read_bytes(), {"prompt": "slow green", "outputs": ["video", "objects"]}).result()
+    with pytest.raises(JobNotDone, match="ask again later"):
+        app.result.remote(job_id).result()
+    deadline = time.monotonic() + 60
+    while (status := app.status.remote(job_id).result())["state"]["current"] != "processed":
+        assert status["state"]["current"] in ("queued", "processing") and time.monotonic() < deadline, status
+        time.sleep(0.2)
+    files = app.result.remote(job_id).result()
+    assert sorted(files) == ["objects.json", "output.mp4"]
+    assert mask_iou(files["output.mp4"], {"green"}, SHAPES_W, SHAPES_H, SHAPES_N, SHAPES_FPS) > 0.9
+    with pytest.raises(NotFound):
+        app.status.remote("no-such-job").result()
+
+
+def test_bad_media_is_refused_before_an_async_job_exists(app):
+    with pytest.raises(UnsupportedMedia, match="not a readable MP4"):
+        app.submit.remote(b"\0" * 100, {"prompt": "red"}).result()
+
+
+def test_a_failed_async_job_raises_its_own_error_type(app, shapes):
+    import time
+
+    job_id = app.submit.remote(shapes.read_bytes(), {"prompt": "red refuse"}).result()
+    deadline = time.monotonic() + 60
+    while app.status.remote(job_id).result()["state"]["current"] != "failed":
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    with pytest.raises(UnsupportedMedia, match="scripted refusal from the tracker replica"):
+        app.result.remote(job_id).result()

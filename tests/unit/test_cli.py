@@ -55,3 +55,8 @@ def test_a_missing_input_is_one_line(tmp_path, capsys):
     assert main(["segment", str(missing), "-o", str(tmp_path / "o.mp4"), "--prompt", "red", "--tracker", "fake",
                  "--local"]) == 2
     assert "nope.mp4" in one_line_error(capsys)
+
+
+def test_a_job_store_that_cannot_be_written_is_one_line_before_ray_starts(capsys):
+    assert main(["serve", "--tracker", "fake", "--arg", "job_store=/proc/nowhere"]) == 2
+    assert "the job store '/proc/nowhere'" in one_line_error(capsys)
