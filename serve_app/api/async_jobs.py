@@ -54,7 +54,9 @@ async def submit(request: Request, job: JobRecord):
             raise Overloaded(f"{service.max_queued_jobs} jobs are waiting already; retry later",
                              service.jobs.retry_after_s)
         await asyncio.to_thread(store.put_file, job.id, "input.mp4", upload.path)
+        service.runner.probed[job.id] = info
         row = await asyncio.to_thread(store.create, job.config.model_dump(exclude_unset=True), info.num_frames, job.id)
+        service.runner.wake.set()
     finally:
         os.unlink(upload.path)
     return JSONResponse(async_job_json(row, job.config), status_code=201)
@@ -121,7 +123,9 @@ async def submit_job(service, video, config) -> str:
                              service.jobs.retry_after_s)
         job_id = uuid.uuid4().hex
         await asyncio.to_thread(service.store.put_file, job_id, "input.mp4", path)
+        service.runner.probed[job_id] = info
         await asyncio.to_thread(service.store.create, cfg.model_dump(exclude_unset=True), info.num_frames, job_id)
+        service.runner.wake.set()
     return job_id
 
 

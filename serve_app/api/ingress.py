@@ -105,6 +105,7 @@ class SegmentService:
     job_timeout_s: float
     store: JobStore | None = None   # the async jobs' records and files
     max_queued_jobs: int = 100
+    runner: Any = None              # the JobRunner claiming them in this replica
     metrics: StageMetrics = field(default_factory=StageMetrics)
 
     def check_auth(self, header: str | None) -> None:
@@ -242,8 +243,8 @@ class IngressDeployment:
             encoder, s.limits, tokens, Slots(s.max_jobs, "jobs running", s.retry_after_s),
             Slots(s.max_uploads, "uploads arriving", s.retry_after_s, s.max_uploads_per_client), s.pace,
             s.job_timeout_s, store, s.max_queued_jobs)
-        self.runner = JobRunner(store, self.service, stale_s=s.job_stale_s, ttl_s=s.job_ttl_s)
-        self._loop = asyncio.get_running_loop().create_task(self.runner.loop())
+        self.service.runner = JobRunner(store, self.service, stale_s=s.job_stale_s, ttl_s=s.job_ttl_s)
+        self._loop = asyncio.get_running_loop().create_task(self.service.runner.loop())
 
     def __serve_build_asgi_app__(self):
         from serve_app.api.routes import make_app

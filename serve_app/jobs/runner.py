@@ -34,6 +34,8 @@ class JobRunner:
         self.worker = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.running: dict[str, asyncio.Task] = {}
         self.swept = self.backoff_until = 0.0
+        self.wake = asyncio.Event()  # a job was submitted here: claim now, not at the next poll
+        self.probed: dict[str, object] = {}  # VideoInfo of jobs submitted here: no second probe
 
     async def loop(self) -> None:
         while True:
@@ -41,7 +43,11 @@ class JobRunner:
                 await self.tick()
             except Exception:  # the store was unreachable for a moment: try again next time
                 log.exception("async job runner")
-            await asyncio.sleep(self.poll_s)
+            try:
+                await asyncio.wait_for(self.wake.wait(), self.poll_s)
+            except asyncio.TimeoutError:
+                pass
+            self.wake.clear()
 
     async def tick(self) -> None:
         if time.monotonic() - self.swept > self.sweep_s:
@@ -81,7 +87,7 @@ class JobRunner:
             try:
                 await asyncio.to_thread(self.store.get_file, row.id, "input.mp4", local)
                 config = JobConfig.model_validate(row.config)
-                result = await self.service.run(local, config, on_progress=seen)
+                result = await self.service.run(local, config, info=self.probed.pop(row.id, None), on_progress=seen)
             finally:
                 self.service.jobs.release()
             beating.cancel()
