@@ -41,8 +41,14 @@ class AppArgs(BaseModel):
     # its start-up overlaps the first one's tail.
     tracker_max_ongoing_requests: int = Field(2, ge=1)
     tracker_target_ongoing_requests: float = Field(1.0, gt=0, description="Autoscaling target per replica.")
+    # A GPU replica costs minutes to start and warm: scale up on a sustained queue, down slowly.
+    tracker_upscale_delay_s: float = Field(10.0, ge=0)
+    tracker_downscale_delay_s: float = Field(300.0, ge=0)
 
     decoder_replicas: int = Field(1, ge=1)
+    # With one decoder on each tracker node (e.g. decoder_replicas = tracker nodes and this 1),
+    # a tracker's frames never cross the network: it asks its own node's decoder first.
+    decoder_max_replicas_per_node: int | None = Field(None, ge=1, description="Spread decoders: at most this many a node.")
     encoder_replicas: int = Field(1, ge=1)
     encoder_max_ongoing_requests: int = Field(4, ge=1)
     # Jobs waiting for an encoder beyond this are refused with 429 + Retry-After.
@@ -102,9 +108,10 @@ def build_app(args: dict[str, Any] | AppArgs | None = None):
     quick_stop = {"graceful_shutdown_wait_loop_s": 0.5, "graceful_shutdown_timeout_s": a.graceful_shutdown_timeout_s}
     # Room for every call the jobs it keeps readers for may have in flight: a call refused here
     # would go to another replica, which has to decode the video up to that chunk.
+    spread = {"max_replicas_per_node": a.decoder_max_replicas_per_node} if a.decoder_max_replicas_per_node else {}
     decoder = DecoderDeployment.options(
         num_replicas=a.decoder_replicas, ray_actor_options={"num_cpus": a.decoder_num_cpus},
-        max_ongoing_requests=a.decoder_readers * (a.decode_ahead_chunks + 1), **quick_stop
+        max_ongoing_requests=a.decoder_readers * (a.decode_ahead_chunks + 1), **spread, **quick_stop
     ).bind(a.chunk_frames, a.decoder_readers, a.decoder_idle_s, a.decode_ahead_chunks)
     # The tracker pulls from the decoder (backpressure): it holds the decoder's handle.
     tracker = TrackerDeployment.options(
@@ -115,8 +122,8 @@ def build_app(args: dict[str, Any] | AppArgs | None = None):
             "initial_replicas": max(a.tracker_min_replicas, 1),
             "max_replicas": max(a.tracker_max_replicas, a.tracker_min_replicas, 1),
             "target_ongoing_requests": a.tracker_target_ongoing_requests,
-            "upscale_delay_s": 10,
-            "downscale_delay_s": 300,  # a GPU replica costs minutes to start and warm
+            "upscale_delay_s": a.tracker_upscale_delay_s,
+            "downscale_delay_s": a.tracker_downscale_delay_s,
         },
         health_check_timeout_s=120,  # a model replica takes minutes to build, download and warm up
         **quick_stop,

@@ -221,8 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     syn.add_argument("--fps", type=int, default=25)
     syn.add_argument("-q", "--quiet", action="store_true")
 
-    chk = sub.add_parser("check-config", help="check serve_config.yaml / cluster.yaml offline (misspelt keys included)")
-    chk.add_argument("files", nargs="+", metavar="FILE", help="a Serve config or a Ray cluster config")
+    chk = sub.add_parser("check-config", help="check serve_config.yaml, cluster.yaml, a KubeRay RayService offline (misspelt keys included)")
+    chk.add_argument("files", nargs="+", metavar="FILE", help="a Serve config, a Ray cluster config or a RayService")
     chk.add_argument("-q", "--quiet", action="store_true")
     return parser
 

@@ -8,7 +8,8 @@ of that schema's pydantic models that refuses unknown keys: the schema itself dr
 with them (no Ray is started), and `deployments:` overrides of options build_app sets are
 refused. A cluster config goes through Ray's cluster-launcher schema and checks, as `ray up`
 applies them, minus the cloud calls. Given both, each replica's resource request must fit a
-node type the cluster declares.
+node type the cluster declares. A KubeRay RayService manifest goes through the RayService
+CRD's schema and its embedded Serve config through the checks above (deploy_kuberay.py).
 """
 
 from __future__ import annotations
@@ -268,8 +269,11 @@ def check_fit(replicas: list[tuple[str, str, dict]], cluster: dict, file: str, c
 
 # -- files --------------------------------------------------------------------------------------
 def check_files(paths: list[str]) -> list[Problem]:
-    """Check each file by its content (Serve config: `applications:`; cluster: `provider:`)."""
+    """Check each file by its content (Serve config: `applications:`; cluster: `provider:`;
+    KubeRay: `kind: RayService`, serve_app/deploy_kuberay.py)."""
     import yaml
+
+    from serve_app.deploy_kuberay import check_rayservice, is_rayservice
 
     problems: list[Problem] = []
     replicas: list[tuple[str, str, dict]] = []
@@ -291,9 +295,11 @@ def check_files(paths: list[str]) -> list[Problem]:
             problems += found
             if not found:
                 cluster, cluster_file = prepared, path
+        elif is_rayservice(data):
+            problems += check_rayservice(data, path)  # self-contained: its Serve config is embedded
         else:
-            problems.append(Problem(path, "", "is neither a Serve config (applications:) "
-                                              "nor a Ray cluster config (provider:)"))
+            problems.append(Problem(path, "", "is neither a Serve config (applications:), a Ray cluster "
+                                              "config (provider:) nor a KubeRay RayService (kind: RayService)"))
     if serve_file and cluster:
         problems += check_fit(replicas, cluster, serve_file, cluster_file)
     return problems

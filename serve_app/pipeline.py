@@ -61,6 +61,7 @@ class StageTimings:
     decode_opens: int = 0           # times a decoder opened the video for this job (1 at best)
     decode_wasted_frames: int = 0   # frames decoded for this job and never used
     decode_lead_chunks: int = 0     # most chunks decoded ahead of the tracker at one time
+    decode_cross_node_bytes: int = 0  # decoded frames that reached the tracker from another node
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from typing import Any
 from ray import serve
 
 from serve_app.contract import JobConfig
-from serve_app.graph.pull import OpenReaders, RemoteDecoder
+from serve_app.graph.pull import OpenReaders, RemoteDecoder, _node_id
 from serve_app.graph.wire import SPOOL_PREFIX, JobProgress, PulledChunk, SegmentResult, VideoRef, spooled
 from serve_app.media import VideoInfo
 from serve_app.pipeline import DEFAULT_PRESETS, Deadline, FrameBuffer, LocalFrames, TrackedBatch, track, write
@@ -42,6 +42,7 @@ class DecoderDeployment:
 
         self.readers = OpenReaders(chunk_frames, capacity=readers, idle_s=idle_s, max_stash=ahead)
         self.readers.start_reaper()
+        self.node = _node_id()
         try:
             serve.get_replica_context()
             self.routed = True
@@ -58,6 +59,7 @@ class DecoderDeployment:
         if self.routed and index == 0:
             await self._register(job_id)
         pulled = await asyncio.to_thread(self.readers.chunk, video, info, job_id, index, chunk_frames)
+        pulled.node = self.node
         if job_id not in self.readers.jobs():  # its last chunk: trim once the chunk has been sent
             asyncio.get_running_loop().call_later(1.0, give_back_memory)
         return pulled
@@ -79,6 +81,7 @@ class TrackerDeployment:
         # The replica reports ready (and takes requests) only once the model is built and warm.
         self.tracker = tracker.build()
         self.decoder = decoder
+        decoder.prefer_local()
 
     def track(self, video: VideoRef, info: VideoInfo, config: JobConfig, deadline: Deadline) -> Iterator[TrackedBatch]:
         try:

@@ -195,6 +195,15 @@ class RemoteDecoder:
     def frames(self, video: VideoRef, info: VideoInfo) -> "PulledFrames":
         return PulledFrames(self, video, info)
 
+    def prefer_local(self) -> None:
+        """Send each job's first call to a decoder on this node when there is one (Serve's
+        locality routing, a private handle option of Ray 2.x); the job's later calls follow it
+        there by multiplexing, so its frames stay on the node."""
+        try:
+            self.handle._init(_prefer_local_routing=True)
+        except (AttributeError, RuntimeError, TypeError):  # local testing mode, or already routing
+            pass
+
 
 class PulledFrames:
     """One job's chunks from the Decoder deployment, in order: while the tracker works on chunk
@@ -208,7 +217,9 @@ class PulledFrames:
     def __iter__(self) -> Iterator[FrameChunk]:
         job_id = uuid.uuid4().hex
         # The job id as multiplexed model id: Serve prefers the replica that holds its reader.
+        # The first call goes without it, so locality (prefer_local) picks its replica.
         decoder = self.remote.handle.options(multiplexed_model_id=job_id)
+        here = _node_id()
         # Decoding needs no timestamps; 18,000 of them would travel with every call (~90 KB).
         sent = replace(self.info, pts=())
         size = chunk_frames_for(self.info, self.remote.chunk_frames)
@@ -222,7 +233,8 @@ class PulledFrames:
                 # Chunk 0 is asked for alone: the replica serving it registers the job with
                 # Serve's router, and calls sent before the router knows would land anywhere.
                 while issued < min(total, index + 1 + (ahead if index else 0)):
-                    pending.append(decoder.chunk.remote(self.video, sent, job_id, issued, size))
+                    via = decoder if issued else self.remote.handle
+                    pending.append(via.chunk.remote(self.video, sent, job_id, issued, size))
                     issued += 1
                 pulled: PulledChunk = pending.popleft().result()
                 if pulled.chunk.start != index * size:
@@ -231,6 +243,8 @@ class PulledFrames:
                 self.timings.decode_ms += pulled.decode_ms
                 self.timings.decode_wasted_frames += pulled.wasted_frames
                 self.timings.decode_opens += int(pulled.opened)
+                if pulled.node != here:
+                    self.timings.decode_cross_node_bytes += pulled.chunk.frames.nbytes
                 taken.append(time.time())
                 yield pulled.chunk
         finally:
@@ -240,6 +254,15 @@ class PulledFrames:
                 # The job stopped early: free its reader now rather than after the idle timeout.
                 decoder.close_job.remote(job_id)
             self.timings.decode_lead_chunks = decode_lead(decoded, taken)
+
+
+def _node_id() -> str:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+    except Exception:  # no Ray here (tests): every chunk is local
+        return ""
 
 
 def decode_lead(decoded: list[float], taken: list[float]) -> int:

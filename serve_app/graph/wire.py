@@ -66,6 +66,7 @@ class PulledChunk:
     decoded_at: float = 0.0        # time.time() when it was ready: how far decoding ran ahead
     wasted_frames: int = 0         # frames decoded for this job and never used (see pull.py)
     opened: bool = False           # the replica opened the video for this call
+    node: str = ""                 # the Ray node the decoder ran on
 
 
 @dataclass

@@ -175,3 +175,208 @@ def test_cli_check_config_exit_status_and_message(tmp_path, capsys, serve_cfg):
     assert main(["check-config", str(bad)]) == 1
     err = capsys.readouterr().err
     assert f"{bad}: applications[0].args.max_queued_request is not a known key; did you mean max_queued_requests?" in err
+
+
+# -- KubeRay RayService (deploy/kuberay/rayservice.yaml, serve_app/deploy_kuberay.py) --------------
+RAYSERVICE = REPO / "deploy" / "kuberay" / "rayservice.yaml"
+
+
+@pytest.fixture()
+def rs_cfg():
+    return yaml.safe_load(RAYSERVICE.read_text())
+
+
+def rs_problems(cfg):
+    from serve_app.deploy_kuberay import check_rayservice
+
+    return check_rayservice(cfg, "rayservice.yaml")
+
+
+def _groups(cfg):
+    return cfg["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+
+
+def _embedded(cfg, mutate):
+    """Apply `mutate` to the Serve config embedded in spec.serveConfigV2."""
+    serve = yaml.safe_load(cfg["spec"]["serveConfigV2"])
+    mutate(serve)
+    cfg["spec"]["serveConfigV2"] = yaml.safe_dump(serve)
+
+
+def test_shipped_rayservice_passes_alone_and_beside_the_other_files(capsys):
+    assert check_files([str(RAYSERVICE)]) == []
+    assert check_files([str(SERVE), str(CLUSTER), str(RAYSERVICE)]) == []
+    assert main(["check-config", str(RAYSERVICE)]) == 0
+    assert capsys.readouterr().err == f"ok: {RAYSERVICE}\n"
+
+
+def test_shipped_rayservice_embeds_serve_config_yaml(rs_cfg, serve_cfg):
+    assert (rs_cfg["apiVersion"], rs_cfg["kind"]) == ("ray.io/v1", "RayService")
+    assert yaml.safe_load(rs_cfg["spec"]["serveConfigV2"]) == serve_cfg  # edit both together
+
+
+def test_vendored_crd_schema_names_its_release():
+    from serve_app.deploy_kuberay import KUBERAY_VERSION, SCHEMA_FILE, crd_schema
+
+    doc = crd_schema()
+    assert (doc["kuberay_version"], doc["crd"], doc["version"]) == (KUBERAY_VERSION, "rayservices.ray.io", "v1")
+    assert len(doc["commit"]) == 40 and doc["license"] == "Apache-2.0"
+    assert SCHEMA_FILE.stat().st_size < 300_000
+    spec = doc["openAPIV3Schema"]["properties"]["spec"]
+    assert spec["required"] == ["rayClusterConfig"] and "serveConfigV2" in spec["properties"]
+
+
+@pytest.mark.parametrize(
+    "mutate, expected_path, suggestion",
+    [
+        (lambda c: c["spec"].update(serveConfigv2="{}"), "spec.serveConfigv2", "serveConfigV2"),
+        (lambda c: c["metadata"].update(lables={}), "metadata.lables", "labels"),
+        (lambda c: c["spec"]["rayClusterConfig"].update(enableInTreeAutoscale=True),
+         "spec.rayClusterConfig.enableInTreeAutoscale", "enableInTreeAutoscaling"),
+        (lambda c: _groups(c)[0].update(replica=1), "spec.rayClusterConfig.workerGroupSpecs[0].replica", "replicas"),
+        (lambda c: _groups(c)[1]["template"]["spec"]["containers"][0].update(imagePullPolcy="Always"),
+         "spec.rayClusterConfig.workerGroupSpecs[1].template.spec.containers[0].imagePullPolcy", "imagePullPolicy"),
+        (lambda c: _groups(c)[1]["template"]["spec"]["containers"][0]["env"][1]["valueFrom"]["secretKeyRef"]
+         .update(nme="x"),
+         "spec.rayClusterConfig.workerGroupSpecs[1].template.spec.containers[0].env[1].valueFrom.secretKeyRef.nme",
+         "name"),
+        (lambda c: _groups(c)[1]["template"]["spec"]["tolerations"][0].update(efect="NoSchedule"),
+         "spec.rayClusterConfig.workerGroupSpecs[1].template.spec.tolerations[0].efect", "effect"),
+        (lambda c: _embedded(c, lambda s: s.update(proxy_locaton="EveryNode")),
+         "spec.serveConfigV2.proxy_locaton", "proxy_location"),
+        (lambda c: _embedded(c, lambda s: s["applications"][0]["args"].update(tracker_max_replica=4)),
+         "spec.serveConfigV2.applications[0].args.tracker_max_replica", "tracker_max_replicas"),
+        (lambda c: _embedded(c, lambda s: s["applications"][0]["args"]["tracker"].update(warm_size=[1])),
+         "spec.serveConfigV2.applications[0].args.tracker.warm_size", "warm_sizes"),
+    ],
+)
+def test_rayservice_misspelt_key_at_any_depth_is_named_with_a_suggestion(rs_cfg, mutate, expected_path, suggestion):
+    mutate(rs_cfg)
+    problems = rs_problems(rs_cfg)
+    assert [p.path for p in problems] == [expected_path], problems
+    assert f"is not a known key; did you mean {suggestion}?" in str(problems[0])
+    assert str(problems[0]).startswith("rayservice.yaml: ")
+
+
+def test_rayservice_free_form_maps_take_any_key(rs_cfg):
+    rs_cfg["metadata"]["labels"] = {"team": "vision", "app.kubernetes.io/name": "sam3-video"}
+    rs_cfg["metadata"]["annotations"] = {"example.com/owner": "x"}
+    head = rs_cfg["spec"]["rayClusterConfig"]["headGroupSpec"]
+    head["rayStartParams"] = {"metrics-export-port": "8080"}  # additionalProperties: string
+    head["template"]["metadata"] = {"labels": {"tier": "control"}}
+    head["template"]["spec"]["containers"][0]["resources"]["limits"]["example.com/fpga"] = 1  # int-or-string
+    assert rs_problems(rs_cfg) == []
+
+
+@pytest.mark.parametrize(
+    "mutate, expected",
+    [
+        (lambda c: _groups(c)[0].update(maxReplicas="2"),
+         "spec.rayClusterConfig.workerGroupSpecs[0].maxReplicas is invalid: expected an integer, got string '2'"),
+        (lambda c: _groups(c)[1].update(resources={"CPU": 0, "GPU": "1"}),  # a map of strings
+         "spec.rayClusterConfig.workerGroupSpecs[1].resources.CPU is invalid: expected a string, got integer 0"),
+        (lambda c: c["spec"]["rayClusterConfig"].update(enableInTreeAutoscaling="yes"),
+         "spec.rayClusterConfig.enableInTreeAutoscaling is invalid: expected true or false, got string 'yes'"),
+        (lambda c: c["spec"]["rayClusterConfig"]["autoscalerOptions"].update(upscalingMode="conservative"),
+         "spec.rayClusterConfig.autoscalerOptions.upscalingMode is 'conservative'; did you mean Conservative?"),
+        (lambda c: _groups(c)[0]["template"]["spec"]["containers"][0]["resources"]["limits"].update(memory="12GB"),
+         "containers[0].resources.limits.memory is '12GB', which is not a Kubernetes quantity"),
+        (lambda c: _groups(c)[0].pop("groupName"), "spec.rayClusterConfig.workerGroupSpecs[0].groupName is required"),
+        (lambda c: c["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0].pop("name"),
+         "spec.rayClusterConfig.headGroupSpec.template.spec.containers[0].name is required"),
+        (lambda c: c["spec"].pop("rayClusterConfig"), "spec.rayClusterConfig is required"),
+        (lambda c: c["metadata"].pop("name"), "metadata.name is required"),
+        (lambda c: c["metadata"].update(name="SAM3_video"), "metadata.name is 'SAM3_video'; KubeRay wants a DNS-1035"),
+        (lambda c: _groups(c)[1].update(groupName="cpu-worker"),
+         "workerGroupSpecs[1].groupName is 'cpu-worker', as spec.rayClusterConfig.workerGroupSpecs[0].groupName is"),
+        (lambda c: _groups(c)[1].update(minReplicas=5),
+         "spec.rayClusterConfig.workerGroupSpecs[1].minReplicas is 5, above maxReplicas 4"),
+        (lambda c: _groups(c)[1].update(rayStartParams={"num-gpus": "1"}),
+         "workerGroupSpecs[1].resources is set beside rayStartParams' num-cpus/num-gpus/memory/resources"),
+        (lambda c: _embedded(c, lambda s: s["http_options"].update(port=8080)),
+         "containers[0].ports[3].containerPort is 8000, but the Serve proxies listen on 8080"),
+        (lambda c: c["spec"].update(serveConfigV2="applications: [\n"), "spec.serveConfigV2 is not YAML"),
+        (lambda c: _embedded(c, lambda s: s["applications"][0]["args"].update(tracker_max_replicas=0)),
+         "spec.serveConfigV2.applications[0].args.tracker_max_replicas is invalid"),
+        (lambda c: c.update(apiVersion="ray.io/v1alpha1"), "apiVersion is 'ray.io/v1alpha1'; this check knows"),
+    ],
+)
+def test_rayservice_wrong_types_missing_keys_and_operator_checks_are_reported(rs_cfg, mutate, expected):
+    mutate(rs_cfg)
+    problems = rs_problems(rs_cfg)
+    assert len(problems) == 1 and expected in str(problems[0]), problems
+
+
+def test_required_key_with_a_crd_default_may_be_left_out(rs_cfg):
+    del _groups(rs_cfg)[0]["maxReplicas"]  # required, but the API server fills 2147483647 first
+    assert rs_problems(rs_cfg) == []
+
+
+def test_rayservice_group_without_the_proxy_body_cap_is_reported(rs_cfg):
+    env = _groups(rs_cfg)[1]["template"]["spec"]["containers"][0]["env"]
+    env[:] = [e for e in env if e["name"] != "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"]
+    assert [str(p) for p in rs_problems(rs_cfg)] == [
+        "rayservice.yaml: spec.rayClusterConfig.workerGroupSpecs[1].template.spec.containers[0].env does not set "
+        "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=serve_app.api.proxy:middlewares; that node's HTTP proxy would "
+        "read uploads of any size into memory"
+    ]
+
+
+def test_group_ray_resources_are_what_the_autoscaler_plans_with(rs_cfg):
+    from serve_app.deploy_kuberay import ray_resources
+
+    head = rs_cfg["spec"]["rayClusterConfig"]["headGroupSpec"]
+    cpu, gpu = _groups(rs_cfg)
+    assert [ray_resources(head, True), ray_resources(cpu, False), ray_resources(gpu, False)] == [
+        {"CPU": 0}, {"CPU": 7}, {"CPU": 0, "GPU": 1}]
+    del gpu["resources"]  # then the container's limits: 6 CPUs, 1 nvidia.com/gpu
+    assert ray_resources(gpu, False) == {"CPU": 6, "GPU": 1}
+
+
+def test_group_whose_cpus_the_autoscaler_cannot_tell_is_reported(rs_cfg):
+    cpu = _groups(rs_cfg)[0]
+    del cpu["resources"]
+    for kind in ("requests", "limits"):
+        del cpu["template"]["spec"]["containers"][0]["resources"][kind]["cpu"]
+    (problem,) = rs_problems(rs_cfg)
+    assert problem.path == "spec.rayClusterConfig.workerGroupSpecs[0]"
+    assert "Autoscaler failed to detect `CPU` resources for group cpu-worker" in problem.message
+
+
+def test_rayservice_tracker_gpu_with_no_gpu_group_is_reported(rs_cfg):
+    del _groups(rs_cfg)[1]
+    (problem,) = rs_problems(rs_cfg)
+    assert problem.path == "spec.serveConfigV2.applications[0]"
+    assert "binds Tracker, which asks {'GPU': 1} per replica; no Ray group in spec.rayClusterConfig" in problem.message
+
+
+def test_rayservice_gpu_group_that_advertises_cpus_takes_cpu_stages_too(rs_cfg):
+    _groups(rs_cfg)[0].update(replicas=0, minReplicas=0, maxReplicas=0)  # no CPU pods: CPU stages have nowhere to go...
+    stages = {p.message.split(",")[0] for p in rs_problems(rs_cfg)}
+    assert stages == {"binds Decoder", "binds Encoder", "binds Ingress"}
+    del _groups(rs_cfg)[1]["resources"]  # ...unless the GPU pod advertises its 6 cores to Ray
+    assert rs_problems(rs_cfg) == []
+
+
+def test_cli_names_each_rayservice_problem(tmp_path, capsys, rs_cfg):
+    _groups(rs_cfg)[0]["replica"] = 1
+    _embedded(rs_cfg, lambda s: s["applications"][0]["args"].update(max_queued_request=8))
+    bad = tmp_path / "rayservice.yaml"
+    bad.write_text(yaml.safe_dump(rs_cfg))
+    assert main(["check-config", str(bad)]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err == [
+        f"{bad}: spec.rayClusterConfig.workerGroupSpecs[0].replica is not a known key; did you mean replicas?",
+    ]
+    del _groups(rs_cfg)[0]["replica"]
+    bad.write_text(yaml.safe_dump(rs_cfg))
+    assert main(["check-config", str(bad)]) == 1
+    assert capsys.readouterr().err == (f"{bad}: spec.serveConfigV2.applications[0].args.max_queued_request is not "
+                                       "a known key; did you mean max_queued_requests?\n")
+
+
+def test_a_file_of_no_known_kind_is_named(tmp_path):
+    other = tmp_path / "deployment.yaml"
+    other.write_text("apiVersion: apps/v1\nkind: Deployment\n")
+    (problem,) = check_files([str(other)])
+    assert "kind: RayService" in problem.message
