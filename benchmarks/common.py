@@ -125,7 +125,7 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def blobs(height: int, width: int, n: int, seed: int = 0, ids=None) -> "Detections":
+def blobs(height: int, width: int, n: int, seed: int = 0, ids=None):
     """Detections of n overlapping elliptical objects, boxes derived from their masks as SAM 3
     derives them, random scores: compositing input without a tracker."""
     from serve_app.media import Detections

@@ -31,26 +31,37 @@ class OfficialClient:
             video = run / "input.mp4"
         spec = {"baseUrl": f"{base_url}/v2", "token": token, "job": {"type": job_type, "config": config},
                 "input": str(video), "output": str(run / "output.mp4")}
-        (run / "spec.json").write_text(json.dumps(spec))
-        done = subprocess.run([self.node, str(E2E / "prodia_job.js"), str(run / "spec.json")], cwd=E2E,
-                              capture_output=True, text=True, timeout=timeout_s)
-        assert done.returncode == 0, done.stderr
-        result = json.loads(done.stdout.strip().splitlines()[-1])
+        result = node_script(self.node, "prodia_job.js", spec, run, timeout_s)
         if result["ok"]:
             result["output"] = (run / "output.mp4").read_bytes()
         return result
 
 
-@pytest.fixture(scope="session")
-def official_client(tmp_path_factory) -> OfficialClient:
+def node_script(node: str, script: str, spec: dict, run: Path, timeout_s: float) -> dict:
+    """Runs tests/e2e/`script` on a spec file in `run`; returns the JSON of its last line."""
+    (run / "spec.json").write_text(json.dumps(spec))
+    done = subprocess.run([node, str(E2E / script), str(run / "spec.json")], cwd=E2E, capture_output=True,
+                          text=True, timeout=timeout_s)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def node_package(name: str, why: str) -> tuple[str, Path]:
+    """(node, the package's package.json), installing tests/e2e's pinned packages if needed."""
     node = shutil.which("node")
     if node is None:
-        pytest.skip("node is not installed, so the official JavaScript client (npm prodia) cannot run")
-    package = E2E / "node_modules" / "prodia" / "package.json"
+        pytest.skip(f"node is not installed, so {why}")
+    package = E2E / "node_modules" / name / "package.json"
     if not package.exists():
         npm = shutil.which("npm")
-        assert npm, "node is installed but npm is not: cannot install the official client"
+        assert npm, f"node is installed but npm is not: cannot install {name}"
         subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=E2E, check=True, timeout=300)
+    return node, package
+
+
+@pytest.fixture(scope="session")
+def official_client(tmp_path_factory) -> OfficialClient:
+    node, package = node_package("prodia", "the official JavaScript client (npm prodia) cannot run")
     installed = json.loads(package.read_text())["version"]
     assert installed == PRODIA_VERSION, f"tests/e2e/node_modules holds prodia {installed}, not {PRODIA_VERSION}"
     return OfficialClient(node, tmp_path_factory.mktemp("prodia"))

@@ -2,7 +2,6 @@
 requests, cancelling, many jobs at once, restarts, a replica killed mid-job, expiry."""
 
 import json
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 

@@ -12,7 +12,6 @@ from pathlib import Path
 import httpx
 import pytest
 
-from serve_app.client import multipart_job
 from tests.checks import read_video
 from tests.conftest import SHAPES_N
 from tests.e2e.conftest import HOSTILE_IDLE_S, HOSTILE_TIMEOUT_S

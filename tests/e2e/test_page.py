@@ -5,16 +5,14 @@ Driven by tests/e2e/page_check.js (playwright-core, pinned in package.json) with
 (`apt-get install chromium`); skipped where node or Chromium is missing.
 """
 
-import json
 import os
 import re
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import SHAPES_FPS, SHAPES_H, SHAPES_N, SHAPES_W, TEST_TOKEN
+from tests.e2e.conftest import node_script, node_package
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -34,11 +32,7 @@ class Browser:
         run.mkdir()
         spec = {"chromium": CHROMIUM, "userDataDir": str(run / "profile"), "url": url, "file": str(file),
                 "form": form, "timeoutMs": int(timeout_s * 1000), "seekTo": seek_to}
-        (run / "spec.json").write_text(json.dumps(spec))
-        done = subprocess.run([self.node, str(E2E / "page_check.js"), str(run / "spec.json")], cwd=E2E,
-                              capture_output=True, text=True, timeout=timeout_s + 60)
-        assert done.returncode == 0, done.stderr
-        seen = json.loads(done.stdout.strip().splitlines()[-1])
+        seen = node_script(self.node, "page_check.js", spec, run, timeout_s + 60)
         assert seen["outcome"] != "crash", seen["crash"]
         assert seen["console"] == [], seen["console"]
         return seen
@@ -46,15 +40,9 @@ class Browser:
 
 @pytest.fixture(scope="session")
 def browser(tmp_path_factory) -> Browser:
-    node = shutil.which("node")
-    if node is None:
-        pytest.skip("node is not installed, so playwright-core cannot drive the page")
     if not os.access(CHROMIUM, os.X_OK):
         pytest.skip(f"Chromium is not installed at {CHROMIUM} (apt-get install chromium)")
-    if not (E2E / "node_modules" / "playwright-core" / "package.json").exists():
-        npm = shutil.which("npm")
-        assert npm, "node is installed but npm is not: cannot install playwright-core"
-        subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=E2E, check=True, timeout=300)
+    node, _ = node_package("playwright-core", "playwright-core cannot drive the page")
     return Browser(node, tmp_path_factory.mktemp("browser"))
 
 

@@ -20,7 +20,7 @@ import pytest
 
 from serve_app.errors import UnsupportedMedia, VideoLimitExceeded
 from serve_app.video.mp4scan import scan
-from tests.videofactory import box_anywhere, box_in_track, boxes, make_video, pattern, rewrite, top_level_boxes, truncate
+from tests.videofactory import box_anywhere, box_in_track, make_video, pattern, rewrite, top_level_boxes, truncate
 
 LIMIT = 18_000  # the service's frame limit
 

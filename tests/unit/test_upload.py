@@ -2,7 +2,6 @@
 is the client's error naming the problem, and no temporary file outlives a request."""
 
 import asyncio
-import json
 import tempfile
 from pathlib import Path
 
