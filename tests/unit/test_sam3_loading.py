@@ -2,6 +2,7 @@
 
 import gzip
 import pickle
+import sys
 
 import pytest
 
@@ -78,6 +79,18 @@ def test_the_bpe_vocabulary_comes_from_open_clip_and_tokenises():
         assert f.readline().startswith('"bpe_simple_vocab_16e6.txt')
     tokens = SimpleTokenizer(bpe_path=path)(["a red circle"])
     assert tokens.shape[-1] == 77 and int((tokens > 0).sum()) == 5  # start, 3 words, end
+
+
+def test_a_carried_vocabulary_can_stand_in_for_open_clips(monkeypatch, tmp_path):
+    """Where open-clip-torch is not installed (the GPU check), SAM3_BPE_PATH names a copy."""
+    copy = tmp_path / "bpe.txt.gz"
+    copy.write_bytes(open(loading.bpe_path(), "rb").read())
+    monkeypatch.setenv(loading.BPE_ENV, str(copy))
+    monkeypatch.setitem(sys.modules, "open_clip", None)  # importing it would fail
+    assert loading.bpe_path() == str(copy)
+    monkeypatch.setenv(loading.BPE_ENV, str(tmp_path / "missing.gz"))
+    with pytest.raises(ModelUnavailable, match="SAM3_BPE_PATH"):
+        loading.bpe_path()
 
 
 def test_device_defaults_to_what_is_present_and_refuses_what_is_not():

@@ -17,7 +17,8 @@ torch = pytest.importorskip("torch")
 from sam3.model.sam3_tracker_base import Sam3TrackerBase  # noqa: E402
 from sam3.model.sam3_tracker_utils import select_closest_cond_frames  # noqa: E402
 
-from serve_app.trackers.sam3.trim import held_bytes, trim_frame_caches, trim_tracker_state  # noqa: E402
+from serve_app.trackers.sam3.trim import (  # noqa: E402
+    forget_removed, held, held_bytes, trim_frame_caches, trim_tracker_state)
 
 
 def sam3_tracker(**changes):
@@ -180,4 +181,59 @@ def test_held_bytes_counts_each_storage_once():
 
     state = {"a": base, "views": [base[0], base[1:3]], "np": (array, array[10:]),
              "frames": Frames(), "model": torch.nn.Linear(1000, 1000), "n": 3, "s": "x"}
-    assert held_bytes(state) == 4096 + 1000 + 500
+    tensors, python = held(state)
+    assert tensors == 4096 + 1000 + 500
+    assert 0 < python < 4096 and held_bytes(state) == tensors + python
+
+
+def test_held_bytes_sees_python_bookkeeping_grow():
+    """SAM 3 keeps per-object dicts and sets of ids that hold no tensor; they count too."""
+    ids = {"removed_obj_ids": set(), "obj_first_frame_idx": {}}
+    before = held_bytes(ids)
+    for i in range(1000, 2000):
+        ids["removed_obj_ids"].add(i)
+        ids["obj_first_frame_idx"][i] = i
+    assert held_bytes(ids) - before > 1000 * 40
+
+
+def rank0_with_removed(removed):
+    return {
+        "obj_first_frame_idx": {1: 0, 2: 3, 3: 4},
+        "unmatched_frame_inds": defaultdict(list, {2: [3, 4], 3: [4]}),
+        "trk_keep_alive": defaultdict(int, {1: 5, 2: -1, 3: 0}),
+        "overlap_pair_to_frame_inds": defaultdict(list, {(1, 2): [4], (1, 3): [4]}),
+        "removed_obj_ids": set(removed),
+        "suppressed_obj_ids": defaultdict(set),
+    }
+
+
+def test_removed_objects_are_forgotten_once_their_last_frame_is_emitted():
+    """Object 2 is removed while frame 4 is the newest processed: frames up to 4 may still show
+    it (and hide it), so it is kept until frame 4 is emitted, then forgotten everywhere."""
+    state = {"tracker_metadata": {"obj_id_to_score": {1: 0.9, 2: -1e4, 3: 0.8},
+                                  "rank0_metadata": rank0_with_removed({2})}}
+    propagation = {"hotstart_buffer": [[3, {}], [4, {}]], "yield_list": [], "hotstart_removed_obj_ids": {2}}
+    seen: dict[int, int] = {}
+    forget_removed(state, propagation, emitted=2, removed_seen=seen)
+    rank0 = state["tracker_metadata"]["rank0_metadata"]
+    assert seen == {2: 4} and rank0["removed_obj_ids"] == {2} and propagation["hotstart_removed_obj_ids"] == {2}
+
+    propagation["hotstart_buffer"] = [[5, {}], [6, {}]]
+    forget_removed(state, propagation, emitted=4, removed_seen=seen)
+    assert seen == {} and rank0["removed_obj_ids"] == set() and propagation["hotstart_removed_obj_ids"] == set()
+    assert 2 not in rank0["obj_first_frame_idx"] and 2 not in rank0["unmatched_frame_inds"]
+    assert 2 not in rank0["trk_keep_alive"] and list(rank0["overlap_pair_to_frame_inds"]) == [(1, 3)]
+    assert state["tracker_metadata"]["obj_id_to_score"] == {1: 0.9, 3: 0.8}
+    assert rank0["obj_first_frame_idx"] == {1: 0, 3: 4}
+
+
+def test_the_last_frames_flushed_at_the_end_still_hide_a_removed_object():
+    """At the video's end SAM 3 yields its whole buffer from `yield_list`: an object removed on
+    the last frame stays hidden until that frame is out."""
+    state = {"tracker_metadata": {"obj_id_to_score": {2: -1e4}, "rank0_metadata": rank0_with_removed({2})}}
+    propagation = {"hotstart_buffer": [], "yield_list": [[8, {}], [9, {}]], "hotstart_removed_obj_ids": {2}}
+    seen: dict[int, int] = {}
+    forget_removed(state, propagation, emitted=8, removed_seen=seen)
+    assert propagation["hotstart_removed_obj_ids"] == {2}
+    forget_removed(state, propagation, emitted=9, removed_seen=seen)
+    assert propagation["hotstart_removed_obj_ids"] == set()

@@ -75,6 +75,7 @@ def install() -> None:
         _patch_tensor_methods()
         _patch_tracker_storage_device()
         _patch_cpu_connected_components()
+        _quiet_object_limit()
         _installed = True
 
 
@@ -194,6 +195,20 @@ def _patch_cpu_connected_components() -> None:
                 torch.from_numpy(counts).to(device).view(out_shape))
 
     cc.connected_components_cpu = connected_components_cpu
+
+
+def _quiet_object_limit() -> None:
+    """sam3_video_base.py:562 warns on every frame on which max_num_objects turned a detection
+    away, which in a crowded scene is every frame; the tracker logs a summary per job instead."""
+    import logging
+
+    from sam3.model import sam3_video_base
+
+    class _Filter(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return not str(record.msg).startswith("hitting self.max_num_objects")
+
+    sam3_video_base.logger.addFilter(_Filter())
 
 
 def initialise_untrained(model: torch.nn.Module) -> None:

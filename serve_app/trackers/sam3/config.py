@@ -7,10 +7,13 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 DEFAULT_WARM_SIZES: tuple[tuple[int, int], ...] = ((832, 480), (1280, 720))
 Pixels = Annotated[int, Field(gt=0, le=8192, strict=True)]
+# Set per job from confidence_threshold and max_objects (session.detection_settings).
+PER_JOB = {"score_threshold_detection": "confidence_threshold", "new_det_thresh": "confidence_threshold",
+           "max_num_objects": "max_objects"}
 
 
 class Sam3Config(BaseModel):
@@ -30,6 +33,17 @@ class Sam3Config(BaseModel):
                                             description='{"attribute.path": value} set on the built model.')
     trim_memory: bool = Field(True, description="Keep each session's memory to the tracker's window.")
     max_pending: int = Field(4, ge=1, description="Jobs that may wait for the model thread before new ones get 429.")
+    max_objects: int = Field(64, ge=1, le=64, strict=True,
+                             description="Objects a job may track here (a job's max_objects above it is lowered); "
+                                         "warm-up compiles for up to this many.")
+
+    @field_validator("model_overrides")
+    @classmethod
+    def _not_per_job(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for name in value:
+            if name in PER_JOB:
+                raise ValueError(f"{name!r} is set for each job from its {PER_JOB[name]}; it cannot be overridden")
+        return value
 
     @property
     def num_gpus(self) -> float:

@@ -80,9 +80,18 @@ def checkpoint_path(source: WeightsSource) -> str | None:
         ) from None
 
 
+BPE_ENV = "SAM3_BPE_PATH"
+
+
 def bpe_path() -> str:
     """The CLIP BPE vocabulary. The sam3 wheel omits assets/bpe_simple_vocab_16e6.txt.gz;
-    open-clip-torch ships a byte-identical copy."""
+    open-clip-torch ships a byte-identical copy; $SAM3_BPE_PATH names another (the GPU check
+    carries one where open-clip-torch is not installed)."""
+    given = os.environ.get(BPE_ENV)
+    if given:
+        if not os.path.isfile(given):
+            raise ModelUnavailable(f"{BPE_ENV} is {given!r}, which is not a file")
+        return given
     import open_clip
 
     path = os.path.join(os.path.dirname(open_clip.__file__), "bpe_simple_vocab_16e6.txt.gz")

@@ -20,14 +20,20 @@ and decodes the whole video onto the device; `_new_state` mirrors it
 (sam3_video_inference.py:54-88 and 113-177) with two lazy parts: the frames (LazyFrames)
 and the per-frame detector queries (one FindStage per frame, made on demand instead of
 num_frames small device tensors allocated up front).
+
+Per-session settings. SAM 3's detection thresholds and object limit are attributes of the
+model, which serves many sessions in turn; `Session.run` sets them for its own duration and
+puts the previous values back however it ends (`model_settings`). `detection_settings` says
+what a job's confidence_threshold and max_objects become.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from serve_app.trackers.sam3 import compat
@@ -35,6 +41,34 @@ from serve_app.trackers.sam3.frames import LazyFrames
 from serve_app.trackers.sam3.trim import trim_session
 
 log = logging.getLogger(__name__)
+
+# SAM 3 asks more of an object that appears once others are tracked (new_det_thresh 0.7) than
+# of the first ones (score_threshold_detection 0.5): it closes 60% of the gap to 1. A job's
+# threshold keeps that proportion: 0.5 -> 0.7 (SAM 3's own pair), 0.3 -> 0.58, 0.9 -> 0.94.
+NEW_OBJECT_GAP = (1.0 - 0.7) / (1.0 - 0.5)
+
+
+def detection_settings(threshold: float, max_objects: int) -> dict[str, Any]:
+    """SAM 3's model attributes for a session with this confidence threshold and object cap."""
+    return {
+        "score_threshold_detection": threshold,
+        "new_det_thresh": 1.0 - NEW_OBJECT_GAP * (1.0 - threshold),
+        "max_num_objects": max_objects,
+    }
+
+
+@contextlib.contextmanager
+def model_settings(model: Any, settings: Mapping[str, Any]) -> Iterator[None]:
+    """Set model attributes for the duration of a session; the old values always come back."""
+    saved = {name: getattr(model, name) for name in settings}
+    try:
+        for name, value in settings.items():
+            setattr(model, name, value)
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(model, name, value)
+
 
 Emit = Callable[[int, dict], None]  # (frame index, SAM 3's post-processed outputs)
 
@@ -131,29 +165,58 @@ class Session:
         self.num_frames = num_frames
         self.trim = trim
         self.emitted = -1
+        self._propagation = None               # SAM 3's propagate_in_video generator, while it runs
+        self._removed_seen: dict[int, int] = {}  # removed object id -> newest frame processed when seen
         with compat.model_context(model.device):
             self.state: dict | None = _new_state(model, frames, num_frames, height, width)
 
-    def run(self, prompt: str, emit: Emit, between_frames: Callable[[], None] = lambda: None) -> None:
+    def run(self, prompt: str, emit: Emit, between_frames: Callable[[], None] = lambda: None,
+            settings: Mapping[str, Any] | None = None) -> None:
         """Prompt frame 0 with `prompt` and propagate forward, calling `emit` once per frame in
-        order. `between_frames` runs after each emitted frame (it may raise to stop)."""
+        order. `between_frames` runs after each emitted frame (it may raise to stop).
+        `settings` are model attributes for this session only (`detection_settings`)."""
         model, state = self.model, self.state
         if state is None:
             raise RuntimeError("session is closed")
-        with compat.model_context(model.device):
+        with compat.model_context(model.device), model_settings(model, settings or {}):
             # The prompt runs frame 0 once; propagation then runs every frame from 0, as
             # Sam3VideoPredictor.add_prompt + propagate_in_video do.
             model.add_prompt(state, frame_idx=0, text_str=prompt)
-            for frame_idx, outputs in model.propagate_in_video(
+            self._propagation = model.propagate_in_video(
                 state, start_frame_idx=0, max_frame_num_to_track=self.num_frames, reverse=False
-            ):
-                if frame_idx != self.emitted + 1:
-                    raise RuntimeError(f"SAM 3 emitted frame {frame_idx} after frame {self.emitted}")
-                emit(frame_idx, outputs)
-                self.emitted = frame_idx
-                if self.trim:
-                    trim_session(state, model, emitted=frame_idx)
-                between_frames()
+            )
+            try:
+                for frame_idx, outputs in self._propagation:
+                    if frame_idx != self.emitted + 1:
+                        raise RuntimeError(f"SAM 3 emitted frame {frame_idx} after frame {self.emitted}")
+                    emit(frame_idx, outputs)
+                    self.emitted = frame_idx
+                    if self.trim:
+                        trim_session(state, model, frame_idx, self.propagation_locals(), self._removed_seen)
+                    between_frames()
+            finally:
+                self._propagation.close()  # its buffers go now, inside the model's context
+                self._propagation = None
+
+    def propagation_locals(self) -> dict[str, Any]:
+        """The variables of SAM 3's running propagate_in_video (sam3_video_inference.py:249-356):
+        its 15-frame `hotstart_buffer` of outputs (masks on the device) and per-frame
+        bookkeeping live there, not in the session state. Empty when not running."""
+        gen, seen = self._propagation, 0
+        while gen is not None and seen < 8:  # torch's inference_mode wrapper, the subclass, the base
+            frame = getattr(gen, "gi_frame", None)
+            if frame is None:
+                return {}
+            variables = frame.f_locals
+            if "hotstart_buffer" in variables:
+                return {k: v for k, v in variables.items() if k != "self"}
+            gen = getattr(gen, "gi_yieldfrom", None) or variables.get("gen")
+            seen += 1
+        return {}
+
+    def held(self) -> dict[str, Any]:
+        """Everything this session holds, for measuring it (trim.held_bytes)."""
+        return {"state": self.state, "propagation": self.propagation_locals(), "frames": self.frames}
 
     def close(self) -> None:
         """Drop every reference to the session's tensors and give the memory back."""

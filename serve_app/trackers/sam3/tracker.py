@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -17,6 +18,15 @@ from serve_app.trackers.sam3.worker import DONE, ModelWorker, Feed, stream
 
 log = logging.getLogger(__name__)
 
+WARM_PROMPT = "coloured shapes"
+
+
+def forced_objects(count: int) -> dict[str, Any]:
+    """Session settings under which SAM 3 tracks exactly `count` objects from frame 0 whatever
+    the weights: every proposal passes (no NMS), the `count` best are kept, none is removed."""
+    return {"score_threshold_detection": 0.0, "new_det_thresh": 0.0, "det_nms_thresh": 0.0,
+            "max_num_objects": count, "hotstart_unmatch_thresh": 1 << 30, "hotstart_dup_thresh": 1 << 30}
+
 
 class Sam3Tracker:
     """SAM 3 (PyPI sam3 0.1.4) turning decoded frames and a text prompt into detections,
@@ -25,32 +35,39 @@ class Sam3Tracker:
 
     Output: one Detections per frame, in order, lagging the input by SAM 3's hotstart delay
     (15 frames). `scores` are SAM 3's `out_probs`: the detector's score for the object on the
-    frame it was first found, fixed for the object's life.
+    frame it was first found, fixed for the object's life. A job's confidence_threshold and
+    max_objects are SAM 3's own detection settings for its session (session.detection_settings).
     """
+
+    compile_options: Mapping[str, Any] = {}  # trackers.sam3.compile.Compiled's (tests: a CPU backend)
 
     def __init__(self, config: Sam3Config = Sam3Config(), weights: WeightsSource | None = None) -> None:
         weights = weights or resolve_weights(config.checkpoint)  # fails before any thread starts
         self.config = config
         self.device = pick_device(config.device)
         self.compile = self.device.type == "cuda" if config.compile is None else config.compile
-        if self.compile and self.device.type != "cuda":
+        if self.compile and self.device.type != "cuda" and "backend" not in self.compile_options:
             raise ModelUnavailable("compile=True needs CUDA (sam3 compiles with CUDA graphs); use compile=False on CPU")
         self.warm_sizes = config.all_warm_sizes
-        self.warm_up_seconds: dict[tuple[int, int], float] = {}
+        self.warm_up_seconds: dict[str, float] = {}
+        self.compiled = None  # trackers.sam3.compile.Compiled when compiling
+        self.last_job: dict[str, int] = {}
         overrides = dict(config.model_overrides)
 
         def build():
             model = build_model(weights, self.device, self.compile)
             _apply_overrides(model, overrides)
+            if self.compile:
+                from serve_app.trackers.sam3.compile import Compiled
+
+                self.compiled = Compiled(config.max_objects, **self.compile_options)
+                self.compiled.install(model)
+            self._on_build(model)
             return model
 
         self._worker = ModelWorker(build, max_pending=config.max_pending)
         self.hotstart_delay = int(self._worker.model.hotstart_delay)
         self.warm_frames = config.warm_frames or self.hotstart_delay + 2
-        if self.compile:
-            import torch
-
-            torch._logging.set_logs(recompiles=True)  # every recompile is logged with its reason
         if self.compile if config.warm_up is None else config.warm_up:
             self.warm_up_seconds = self.warm_up()
 
@@ -58,34 +75,54 @@ class Sam3Tracker:
     def track(self, chunks: Iterable[FrameChunk], info: VideoInfo, config: JobConfig) -> Iterator[Detections]:
         """Yield one Detections per frame. Closing the generator cancels the job at the next
         frame boundary and returns once the session's memory is freed."""
+        yield from self._track(chunks, info, config.prompt, self.job_settings(config))
+
+    def job_settings(self, config: JobConfig) -> dict[str, Any]:
+        """SAM 3's settings for this job's session; max_objects is held to this replica's."""
+        from serve_app.trackers.sam3.session import detection_settings
+
+        most = min(config.max_objects, self.config.max_objects)
+        if most < config.max_objects:
+            log.info("job asks for up to %d objects; this replica tracks at most %d", config.max_objects, most)
+        return detection_settings(config.confidence_threshold, most)
+
+    def _track(self, chunks: Iterable[FrameChunk], info: VideoInfo, prompt: str,
+               settings: Mapping[str, Any]) -> Iterator[Detections]:
         width, height = info.display_size
         if info.num_frames <= 0:
             return
         yield from stream(
-            self._worker, lambda model, job: self._run(model, job, info.num_frames, height, width, config.prompt), chunks
+            self._worker, lambda model, job: self._run(model, job, info.num_frames, height, width, prompt, settings),
+            chunks,
         )
 
     # -- on the model thread ----------------------------------------------------------------
-    def _run(self, model, job: Feed, num_frames: int, height: int, width: int, prompt: str) -> None:
+    def _run(self, model, job: Feed, num_frames: int, height: int, width: int, prompt: str,
+             settings: Mapping[str, Any]) -> None:
         from serve_app.trackers.sam3.convert import to_detections
         from serve_app.trackers.sam3.frames import LazyFrames
         from serve_app.trackers.sam3.session import Session
 
-        graphs_before = _compiled_graphs()
         frames = LazyFrames(num_frames, job.pull, model.device, expected_size=(height, width))
         session = Session(model, frames, num_frames, height, width, trim=self.config.trim_memory)
         last: list[dict] = [{}]
+        stats = {"tracked": 0, "dropped": 0, "recompiles": 0}
 
         def emit(index: int, outputs: dict) -> None:
             last[0] = outputs
+            frame_stats = outputs.get("frame_stats") or {}
+            stats["tracked"] = max(stats["tracked"], int(frame_stats.get("num_obj_tracked", 0)))
+            stats["dropped"] += int(frame_stats.get("num_obj_dropped", 0))
             job.emit(to_detections(index, outputs, height, width))
 
         def between_frames() -> None:  # after the frame was emitted and the session trimmed
             self._after_frame(session, last[0])
             job.checkpoint()
 
+        recompiles_before = self.compiled.total_recompiles if self.compiled else 0
         try:
-            session.run(prompt, emit, between_frames)
+            with self.compiled.serving() if self.compiled else contextlib.nullcontext():
+                session.run(prompt, emit, between_frames, settings)
             if session.emitted != num_frames - 1:
                 raise ModelError(f"SAM 3 emitted {session.emitted + 1} frames of {num_frames}")
             job.emit(DONE)
@@ -97,36 +134,56 @@ class Sam3Tracker:
             raise
         finally:
             session.close()
-            new_graphs = _compiled_graphs() - graphs_before
-            if new_graphs:
-                log.info("torch.compile built %d new graph(s) during this job (new shapes)", new_graphs)
+            stats["recompiles"] = (self.compiled.total_recompiles if self.compiled else 0) - recompiles_before
+            self.last_job = stats
+            if stats["dropped"]:
+                log.info("SAM 3 tracked at most %d objects (max_objects); %d detections were turned away",
+                         stats["tracked"], stats["dropped"])
+
+    def _on_build(self, model) -> None:
+        """Called on the model thread once the model is built (benchmarks/instrumented.py hooks in)."""
 
     def _after_frame(self, session, outputs: dict) -> None:
         """Called on the model thread after each emitted frame (benchmarks/instrumented.py records)."""
 
     # -- lifecycle --------------------------------------------------------------------------
-    def warm_up(self, sizes: Sequence[tuple[int, int]] | None = None) -> dict[tuple[int, int], float]:
-        """Run a synthetic clip through the full path at each size; returns seconds per size."""
+    def warm_up(self, sizes: Sequence[tuple[int, int]] | None = None) -> dict[str, float]:
+        """Run synthetic clips through the full path before the replica takes requests; returns
+        seconds per clip. A default job at each warm size, then, when compiling, a clip with
+        each object-batch bucket forced (compile.buckets), after which nothing may compile."""
+        seconds = {}
+        job = self.job_settings(JobConfig(prompt=WARM_PROMPT))
+        for width, height in sizes or self.warm_sizes:
+            label = f"{width}x{height}"
+            seconds[label] = self._warm_clip(label, width, height, self.warm_frames, job)
+        if self.compiled is not None and not self.compiled.locked:
+            width, height = (sizes or self.warm_sizes)[0]
+            for count in self.compiled.buckets:
+                label = f"{count} objects"
+                seconds[label] = self._warm_clip(label, width, height, self.warm_frames, forced_objects(count))
+                if self.last_job.get("tracked") != count:
+                    log.warning("SAM 3 warm-up asked for %d objects and tracked %d: that bucket may compile "
+                                "at request time (it would run eager)", count, self.last_job.get("tracked"))
+            self.compiled.lock()
+            log.info("SAM 3 compiled and warmed (%d object buckets %s) in %.1f s; nothing compiles from now on",
+                     len(self.compiled.buckets), self.compiled.buckets, sum(seconds.values()))
+        return seconds
+
+    def _warm_clip(self, label: str, width: int, height: int, n: int, settings: Mapping[str, Any]) -> float:
         import numpy as np
 
         from serve_app import synthetic
 
-        seconds = {}
-        for width, height in sizes or self.warm_sizes:
-            n = self.warm_frames
-            clip = np.stack(list(synthetic.frames(n, width, height)))
-            info = VideoInfo(width=width, height=height, num_frames=n, pts=tuple(range(n)),
-                             time_base=Fraction(1, 25), avg_fps=Fraction(25))
-            start = time.perf_counter()
-            for _ in self.track([FrameChunk(0, clip)], info, JobConfig(prompt="coloured shapes")):
-                pass
-            seconds[(width, height)] = time.perf_counter() - start
-            log.info("SAM 3 warm-up %dx%d, %d frames: %.1f s (compile=%s)", width, height, n,
-                     seconds[(width, height)], self.compile)
-        if self.compile:
-            encoder = getattr(self._worker.model.tracker.transformer.encoder, "forward", None)
-            if hasattr(encoder, "set_logging"):
-                encoder.set_logging(True)  # sam3's own log of new tracker-encoder shapes
+        # One still frame: compiled shapes do not depend on the pixels.
+        clip = np.repeat(synthetic.render(0, 1, width, height)[None], n, axis=0)
+        info = VideoInfo(width=width, height=height, num_frames=n, pts=tuple(range(n)),
+                         time_base=Fraction(1, 25), avg_fps=Fraction(25))
+        start = time.perf_counter()
+        for _ in self._track([FrameChunk(0, clip)], info, WARM_PROMPT, settings):
+            pass
+        seconds = time.perf_counter() - start
+        log.info("SAM 3 warm-up %s: %dx%d, %d frames, %d objects tracked, %.1f s (compile=%s)", label, width, height,
+                 n, self.last_job.get("tracked", 0), seconds, self.compile)
         return seconds
 
     def check_health(self) -> None:
@@ -151,13 +208,3 @@ def _apply_overrides(model: Any, overrides: Mapping[str, Any]) -> None:
             raise ValueError(f"model_overrides names {path!r}, which the SAM 3 model does not have")
         setattr(target, name, value)
         log.info("SAM 3 override: %s = %r", path, value)
-
-
-def _compiled_graphs() -> int:
-    try:
-        from torch._dynamo.utils import counters
-
-        return int(counters["stats"]["unique_graphs"])
-    except Exception:  # torch internals moved: counting is a nicety, not a requirement
-        return 0
-

@@ -26,22 +26,64 @@ forward, most of it can never be read again. After each emitted frame this drops
     more than `max_cond_frames_in_attn` frames, so sam3 still orders its choice by distance
     (with at most that many it takes them all in insertion order, a different memory order).
 
-One case differs from keeping everything: when an object is removed from a tracker state
-that holds several objects, SAM 3 re-scores that state's past frames (sam3_tracking_predictor
-`remove_object`, `_slice_state`), and a frame dropped earlier cannot come back into the
-selection. Everything else a later frame reads is kept.
+Removing an object from a tracker state that holds several re-scores that state's past frames
+(sam3_tracking_predictor `remove_object`, `_slice_state`), which could bring a dropped frame
+back into the selection; but SAM 3 removes only objects younger than `hotstart_delay` (15),
+and a state holds objects born on the same frame, so all its frames lie inside the window
+(16): nothing dropped is ever read.
+
+Objects removed during hotstart are also forgotten once every frame that could show them has
+been emitted (`forget_removed`): SAM 3 keeps their ids and per-object bookkeeping for the
+session's life and deep-copies that bookkeeping on every frame (sam3_video_base.py:586). And
+SAM 3's generator keeps one entry per frame in `unconfirmed_obj_ids_per_frame`; entries of
+emitted frames are never read again.
 """
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 
-def trim_session(state: dict, model: Any, emitted: int) -> None:
-    """Trim `state` (a SAM 3 video inference state) after frame `emitted` was emitted."""
+def trim_session(state: dict, model: Any, emitted: int, propagation: dict | None = None,
+                 removed_seen: dict[int, int] | None = None) -> None:
+    """Trim `state` (a SAM 3 video inference state) after frame `emitted` was emitted.
+    `propagation` is the running propagate_in_video's variables (Session.propagation_locals),
+    `removed_seen` this session's record for `forget_removed`."""
     trim_frame_caches(state, emitted, model.hotstart_unmatch_thresh, model.hotstart_dup_thresh)
     for tracker_state in state.get("tracker_inference_states", ()):
         trim_tracker_state(tracker_state, model.tracker)
+    if propagation:
+        _drop_keys_upto(propagation.get("unconfirmed_obj_ids_per_frame"), emitted)
+        if removed_seen is not None:
+            forget_removed(state, propagation, emitted, removed_seen)
+
+
+def forget_removed(state: dict, propagation: dict, emitted: int, removed_seen: dict[int, int]) -> None:
+    """Drop what SAM 3 keeps about objects it removed, once the frame where each was removed
+    has been emitted: later frames do not hold them, and no check reads them again
+    (`_process_hotstart` skips removed ids; new objects get new ids)."""
+    metadata = state.get("tracker_metadata") or {}
+    rank0 = metadata.get("rank0_metadata")
+    if not rank0:
+        return
+    pending = [f for f, _ in propagation.get("hotstart_buffer") or ()]
+    pending += [f for f, _ in propagation.get("yield_list") or ()]
+    newest = max([emitted, *pending])  # the newest frame processed so far
+    for obj_id in rank0.get("removed_obj_ids", ()):
+        removed_seen.setdefault(obj_id, newest)
+    for obj_id in [o for o, seen in removed_seen.items() if seen <= emitted]:
+        del removed_seen[obj_id]
+        rank0["removed_obj_ids"].discard(obj_id)
+        for key in ("obj_first_frame_idx", "unmatched_frame_inds", "trk_keep_alive"):
+            rank0.get(key, {}).pop(obj_id, None)
+        pairs = rank0.get("overlap_pair_to_frame_inds", {})
+        for pair in [p for p in pairs if obj_id in p]:
+            del pairs[pair]  # a pair with a removed object gets no new frames, so it decides nothing
+        metadata.get("obj_id_to_score", {}).pop(obj_id, None)
+        hidden = propagation.get("hotstart_removed_obj_ids")
+        if hidden is not None:
+            hidden.discard(obj_id)
 
 
 def _drop_keys_upto(mapping: dict | None, last: int) -> None:
@@ -132,20 +174,28 @@ def trim_tracker_state(ts: dict, tracker: Any) -> None:
 
 
 def held_bytes(root: Any) -> int:
-    """Bytes of tensor and array data reachable from `root` (a session state), each storage
-    counted once. Python bookkeeping (dicts of floats, lists of ints) is not counted."""
+    """Bytes reachable from `root` (a session's `held()`): tensor and array data, each storage
+    counted once, on whatever device, plus the Python objects around them (dicts, lists,
+    sets, numbers, strings). The model's weights (nn.Modules) are not the session's."""
+    tensors, python = held(root)
+    return tensors + python
+
+
+def held(root: Any) -> tuple[int, int]:
+    """(tensor and array bytes, Python object bytes) reachable from `root`; see held_bytes."""
     import dataclasses
+    import types
 
     import numpy as np
     import torch
 
     seen_objects: set[int] = set()
     seen_storage: set[tuple[str, int]] = set()
-    total = 0
+    tensors = python = 0
     stack = [root]
     while stack:
         obj = stack.pop()
-        if obj is None or isinstance(obj, (str, bytes, int, float, bool)) or id(obj) in seen_objects:
+        if obj is None or id(obj) in seen_objects:
             continue
         seen_objects.add(id(obj))
         if isinstance(obj, torch.Tensor):
@@ -153,22 +203,31 @@ def held_bytes(root: Any) -> int:
             key = (str(obj.device), storage.data_ptr())
             if key not in seen_storage:
                 seen_storage.add(key)
-                total += storage.nbytes()
+                tensors += storage.nbytes()
         elif isinstance(obj, np.ndarray):
             base = obj if obj.base is None else obj.base
-            if isinstance(base, np.ndarray) and id(base) not in seen_objects:
+            python += sys.getsizeof(obj) - (obj.nbytes if obj.base is None else 0)
+            if isinstance(base, np.ndarray) and (base is obj or id(base) not in seen_objects):
                 seen_objects.add(id(base))
-                total += base.nbytes
+                tensors += base.nbytes
+        elif isinstance(obj, (str, bytes, int, float, bool, range, np.generic, torch.device, torch.dtype)):
+            python += sys.getsizeof(obj)
         elif isinstance(obj, dict):
+            python += sys.getsizeof(obj)
+            stack.extend(obj.keys())
             stack.extend(obj.values())
         elif isinstance(obj, (list, tuple, set, frozenset)):
+            python += sys.getsizeof(obj)
             stack.extend(obj)
+        elif isinstance(obj, (torch.nn.Module, type, types.ModuleType, types.FunctionType, types.MethodType,
+                              types.BuiltinFunctionType)):
+            continue  # the model and code are not the session's
         elif hasattr(obj, "nbytes") and not isinstance(obj, type):  # a LazyFrames
-            total += int(obj.nbytes)
+            tensors += int(obj.nbytes)
         elif dataclasses.is_dataclass(obj) or hasattr(obj, "__dict__"):
-            if isinstance(obj, torch.nn.Module):
-                continue  # the model's weights are not the session's
+            python += sys.getsizeof(obj)
             stack.extend(vars(obj).values())
         elif hasattr(obj, "__iter__") and hasattr(obj, "__len__"):
+            python += sys.getsizeof(obj)
             stack.extend(obj)  # deques
-    return total
+    return tensors, python

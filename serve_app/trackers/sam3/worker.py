@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import traceback
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -130,6 +131,9 @@ class ModelWorker:
             except Cancelled:
                 pass
             except BaseException as exc:
+                # The traceback's frames hold the failed session (its outputs, SAM 3's hotstart
+                # buffer of masks) until the next task: keep the lines, drop the variables.
+                traceback.clear_frames(exc.__traceback__)
                 task.error = exc
                 if task.feed is not None:
                     task.feed.emit(exc)
