@@ -37,7 +37,8 @@ def main() -> None:
     clip = shapes_clip(1280, 720, seconds).read_bytes()
     port = free_port()
     client.start_graph({"tracker": {"kind": "fake", "frame_delay_s": args.frame_ms / 1e3},
-                        "job_store": tempfile.mkdtemp(prefix="bench-jobs-"), "graceful_shutdown_timeout_s": 0.5},
+                        "job_store": tempfile.mkdtemp(prefix="bench-jobs-"), "graceful_shutdown_timeout_s": 0.5,
+                        "tracker_drain_timeout_s": 0.5},
                        http=("127.0.0.1", port))
     base = f"http://127.0.0.1:{port}"
     body, ctype = multipart_job({"type": JOB, "config": {"prompt": "red blue"}}, clip)

@@ -92,7 +92,8 @@ def start_graph(port: int):
     from serve_app import client
 
     t = time.perf_counter()
-    client.start_graph({"tracker": "fake", "graceful_shutdown_timeout_s": 0.5}, http=("127.0.0.1", port))
+    client.start_graph({"tracker": "fake", "graceful_shutdown_timeout_s": 0.5, "tracker_drain_timeout_s": 0.5},
+                       http=("127.0.0.1", port))
     return time.perf_counter() - t
 
 
@@ -184,7 +185,8 @@ def flow(seconds_list: tuple[int, ...]) -> None:
     from serve_app.app import APP_NAME, AppArgs, build_app
 
     serve.delete(APP_NAME)  # the local cluster has CPUs for one app (run last for this reason)
-    args = AppArgs(tracker={"kind": "fake", "frame_delay_s": 0.01}, graceful_shutdown_timeout_s=0.5)
+    args = AppArgs(tracker={"kind": "fake", "frame_delay_s": 0.01}, graceful_shutdown_timeout_s=0.5,
+                   tracker_drain_timeout_s=0.5)
     handle = serve.run(build_app(args), name="flow", route_prefix=None)
     width, height = 640, 360
     rows = []

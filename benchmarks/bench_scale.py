@@ -46,7 +46,8 @@ def app_args(frame_s: float, workers: int, spread: bool = True) -> dict:
             "decoder_replicas": workers if spread else 1, "decoder_num_cpus": 0.25,
             **({"decoder_max_replicas_per_node": 1} if spread else {}),
             "encoder_replicas": 2, "encoder_num_cpus": 0.25, "max_queued_requests": 32,
-            "job_store": tempfile.mkdtemp(prefix="bench-scale-"), "graceful_shutdown_timeout_s": 2}
+            "job_store": tempfile.mkdtemp(prefix="bench-scale-"), "graceful_shutdown_timeout_s": 2,
+            "tracker_drain_timeout_s": 30}  # a retired replica finishes its jobs (~2 s each)
 
 
 def start(frame_s: float, workers: int = 3):
@@ -96,7 +97,7 @@ def main() -> None:
                 done.append((time.monotonic() - start_at, time.monotonic() - t, samples[-1][1] if samples else 1,
                              result.timings.decode_cross_node_bytes))
             except Exception as exc:  # counted: the drain must lose nothing
-                failures.append(f"{type(exc).__name__}: {str(exc)[:200]}")
+                failures.append(f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:300]}")
 
     def sample() -> None:
         while not stop.is_set():
@@ -174,7 +175,7 @@ def smoke(frame_s: float) -> None:
                 handle.segment.remote(clip, {"prompt": "red"}).result()
                 jobs[0] += 1
             except Exception as exc:
-                failures.append(f"{type(exc).__name__}: {str(exc)[:200]}")
+                failures.append(f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:300]}")
 
     threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(3)]
     for t in threads:

@@ -37,8 +37,8 @@ class AppArgs(BaseModel):
     encoder_num_cpus: float = Field(0.5, ge=0, description="CPUs per encoder replica (libx264 uses more if free).")
     tracker_min_replicas: int = Field(1, ge=0)
     tracker_max_replicas: int = Field(1, ge=1)
-    # One SAM 3 session runs at a time per replica; a second request waits on the replica so
-    # its start-up overlaps the first one's tail.
+    # Jobs a tracker replica runs at once, interleaved frame by frame on its one model (the
+    # tracker's max_sessions, unless its config sets that itself).
     tracker_max_ongoing_requests: int = Field(2, ge=1)
     tracker_target_ongoing_requests: float = Field(1.0, gt=0, description="Autoscaling target per replica.")
     # A GPU replica costs minutes to start and warm: scale up on a sustained queue, down slowly.
@@ -86,7 +86,12 @@ class AppArgs(BaseModel):
     mask_encoder_preset: str = Field("ultrafast", description="libx264 preset for mask videos.")
     limits: Limits = Field(default_factory=Limits)
     auth_tokens_env: str = Field("SAM3_VIDEO_TOKENS", description="Env var with comma-separated bearer tokens; unset = no auth.")
-    graceful_shutdown_timeout_s: float = Field(5.0, ge=0)
+    graceful_shutdown_timeout_s: float = Field(5.0, ge=0, description="How long a stopping ingress or decoder "
+                                               "replica waits for its requests.")
+    # A tracker replica that autoscaling retires still runs jobs that take minutes on a GPU:
+    # it stops taking new ones and finishes these, which end by their deadline in any case.
+    tracker_drain_timeout_s: float | None = Field(None, ge=0, description="How long a stopping tracker or encoder "
+                                                  "replica lets its running jobs finish; default job_timeout_s.")
 
     @field_validator("tracker", mode="before")
     @classmethod
@@ -106,6 +111,8 @@ def build_app(args: dict[str, Any] | AppArgs | None = None):
 
     a = args if isinstance(args, AppArgs) else AppArgs.model_validate(args or {})
     quick_stop = {"graceful_shutdown_wait_loop_s": 0.5, "graceful_shutdown_timeout_s": a.graceful_shutdown_timeout_s}
+    drain_s = a.job_timeout_s if a.tracker_drain_timeout_s is None else a.tracker_drain_timeout_s
+    drain = {"graceful_shutdown_wait_loop_s": 0.5, "graceful_shutdown_timeout_s": drain_s}
     # Room for every call the jobs it keeps readers for may have in flight: a call refused here
     # would go to another replica, which has to decode the video up to that chunk.
     spread = {"max_replicas_per_node": a.decoder_max_replicas_per_node} if a.decoder_max_replicas_per_node else {}
@@ -126,13 +133,13 @@ def build_app(args: dict[str, Any] | AppArgs | None = None):
             "downscale_delay_s": a.tracker_downscale_delay_s,
         },
         health_check_timeout_s=120,  # a model replica takes minutes to build, download and warm up
-        **quick_stop,
-    ).bind(RemoteDecoder(decoder, a.chunk_frames, a.decode_ahead_chunks), a.tracker)
+        **drain,
+    ).bind(RemoteDecoder(decoder, a.chunk_frames, a.decode_ahead_chunks), _with_sessions(a))
     # The encoder consumes the tracker's stream: it holds the tracker's handle.
     encoder = EncoderDeployment.options(
         num_replicas=a.encoder_replicas, ray_actor_options={"num_cpus": a.encoder_num_cpus},
         max_ongoing_requests=a.encoder_max_ongoing_requests, max_queued_requests=a.max_queued_requests,
-        **quick_stop,
+        **drain,
     ).bind(tracker, {"overlay": a.encoder_preset, "mask": a.mask_encoder_preset})
     # The ingress answers over-capacity jobs itself (429 + Retry-After, before reading the body)
     # up to twice its upload and job slots; past that the proxy queues a bounded number more.
@@ -145,3 +152,12 @@ def build_app(args: dict[str, Any] | AppArgs | None = None):
         a.limits, a.auth_tokens_env, a.max_inflight_per_ingress, a.max_uploads_per_ingress, a.max_uploads_per_client,
         a.retry_after_s, Pace(a.upload_idle_s, a.upload_min_bytes_per_s), a.job_timeout_s, a.job_store, a.job_db,
         a.job_ttl_s, a.max_queued_jobs, a.job_stale_s))
+
+
+def _with_sessions(a: AppArgs) -> TrackerConfig:
+    """The tracker's config with max_sessions = tracker_max_ongoing_requests where it has that
+    field and leaves it unset: every request a replica accepts is a session it runs."""
+    tracker = a.tracker
+    if "max_sessions" in type(tracker).model_fields and tracker.max_sessions is None:
+        tracker = tracker.model_copy(update={"max_sessions": a.tracker_max_ongoing_requests})
+    return tracker

@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parent.parent
 # Every test app: the scripted stand-in tracker on CPU, quick to stop.
 TEST_APP_ARGS: dict[str, Any] = {
     "tracker": SCRIPTED_TRACKER,
-    "graceful_shutdown_timeout_s": 0.5,
+    "graceful_shutdown_timeout_s": 0.5, "tracker_drain_timeout_s": 0.5,
 }
 
 

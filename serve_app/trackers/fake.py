@@ -7,12 +7,17 @@ per frame in order, ids stable across frames and new ids for shapes that appear 
 fixed at the object's birth (its colour saturation, so pale shapes score low), boxes as
 normalised xywh derived from the masks, masks at video resolution. It lets the whole service
 run, and be tested, without a GPU or weights.
+
+It runs as SAM 3 does: on one model thread per tracker (trackers/worker.py), jobs interleaved
+frame by frame up to `max_sessions`; so `frame_delay_s` stands in for a GPU's time per frame,
+one device shared by the replica's jobs.
 """
 
 from __future__ import annotations
 
 import re
 import time
+import weakref
 from collections.abc import Iterable, Iterator
 from typing import Literal, NamedTuple
 
@@ -21,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from serve_app.contract import JobConfig
 from serve_app.media import Detections, FrameChunk, VideoInfo
+from serve_app.trackers.worker import DONE, Feed, ModelWorker, stream
 
 # OpenCV hue (0-180) of each colour word's pure colour in serve_app.synthetic.PURE_RGB.
 HUES = {"red": 0, "yellow": 26, "green": 66, "blue": 116}
@@ -40,6 +46,8 @@ class FakeConfig(BaseModel):
     # Benchmarks stand it in for a GPU model: a wait per frame that costs no CPU.
     frame_delay_s: float = Field(0.0, ge=0, le=10, description="Seconds slept per frame.")
     num_gpus: float = Field(0.0, ge=0, description="GPUs a replica of it needs (none).")
+    max_sessions: int | None = Field(None, ge=1, le=64, description="Jobs interleaved frame by frame on its one "
+                                     "thread; default: the tracker deployment's max_ongoing_requests (1 outside Serve).")
 
     def build(self) -> "ColorShapeTracker":
         return ColorShapeTracker(self)
@@ -51,17 +59,27 @@ class FakeConfig(BaseModel):
 class ColorShapeTracker:
     def __init__(self, config: FakeConfig = FakeConfig()) -> None:
         self.config = config
+        self._worker = ModelWorker(lambda: None, max_pending=MAX_PENDING, name="stand-in-model",
+                                   max_sessions=config.max_sessions or 1, label="the stand-in tracker")
+        weakref.finalize(self, self._worker.stop, 0.0)  # its thread goes with the tracker
 
     def colours(self, prompt: str) -> list[str]:
         words = set(re.findall(r"[a-z]+", prompt.lower()))
         return [c for c in HUES if c in words]
 
     def track(self, chunks: Iterable[FrameChunk], info: VideoInfo, config: JobConfig) -> Iterator[Detections]:
+        yield from stream(self._worker, lambda model, feed: self._session(feed, config), chunks)
+
+    def _session(self, feed: Feed, config: JobConfig) -> Iterator[None]:
+        """One job on the model thread, a step per frame (worker.ModelWorker interleaves them)."""
         colours = self.colours(config.prompt)
         previous: list[_Blob] = []
         next_id = 0
-        for chunk in chunks:
+        left = [0]  # frames of the current chunk still to do: the next step needs no new chunk
+        feed.holding = lambda: left[0] > 0
+        while (chunk := feed.pull()) is not None:
             for offset, frame in enumerate(chunk.frames):
+                left[0] = len(chunk) - offset - 1
                 height, width = frame.shape[:2]
                 current, newborn = [], []
                 for colour in colours:
@@ -78,7 +96,9 @@ class ColorShapeTracker:
                 previous = current
                 if self.config.frame_delay_s:
                     time.sleep(self.config.frame_delay_s)
-                yield _detections(chunk.start + offset, current, height, width)
+                feed.emit(_detections(chunk.start + offset, current, height, width))
+                yield
+        feed.emit(DONE)
 
     def _member(self, rgb: np.ndarray, colour: str) -> np.ndarray:
         """uint8 (h, w), 255 where a pixel of `rgb` counts as `colour`."""
@@ -147,6 +167,7 @@ class ColorShapeTracker:
 
 
 _STRIDE = 4
+MAX_PENDING = 64  # jobs waiting for its thread: Serve sends a replica at most max_ongoing_requests
 
 
 def _merge(rects: list[tuple[int, int, int, int]]) -> list[tuple[int, int, int, int]]:

@@ -58,7 +58,7 @@ def tracker():
     torch.manual_seed(0)  # random weights, but the same ones every run
     counter = CompileCounter()
     config = Sam3Config(device="cpu", compile=True, warm_up=False, warm_frames=3, max_objects=MAX_OBJECTS,
-                        model_overrides=OVERRIDES)
+                        model_overrides=OVERRIDES, max_sessions=2)
     t = InstrumentedSam3Tracker(config, random_weights=True, compile_backend=counter, compile_parts=TRACKER_PARTS,
                                 memo_detector=True, record_tracker=True, memory_attention_layers=1,
                                 spread_scores=(-3.0, 1.3), present_objects=3.0)
@@ -191,6 +191,35 @@ def test_a_sessions_thresholds_do_not_leak_into_the_next(tracker):
     run(tracker, 2)  # the defaults: 0.5, 16 objects (4 here)
     assert tracker.frame_log[0].objects_tracked == len(births(frame0_probabilities(tracker), 0.5, MAX_OBJECTS))
     assert settings_now(tracker) == baseline
+    assert tracker.sessions_alive() == 0
+
+
+def test_two_interleaved_sessions_keep_their_own_thresholds_and_outputs(tracker):
+    """Two jobs sharing the model frame by frame (max_sessions 2) give exactly what each gives
+    alone, although their thresholds and object limits differ: nothing of one session's
+    settings or state reaches the other."""
+    jobs = {"low": (9, {"confidence_threshold": 0.3}), "one": (7, {"confidence_threshold": 0.5, "max_objects": 1})}
+    alone = {name: run(tracker, n, **job) for name, (n, job) in jobs.items()}
+    together, errors = {}, []
+
+    def request(name):
+        n, job = jobs[name]
+        try:
+            together[name] = run(tracker, n, **job)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=request, args=(name,)) for name in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(600)
+    assert not errors and tracker._worker.most_sessions == 2
+    for name in jobs:
+        for a, b in zip(alone[name], together[name], strict=True):
+            assert a.obj_ids.tolist() == b.obj_ids.tolist() and np.array_equal(a.scores, b.scores), name
+            assert np.array_equal(a.masks, b.masks) and np.array_equal(a.boxes_xywh, b.boxes_xywh), name
+    assert max(len(d.obj_ids) for d in together["one"]) <= 1 < max(len(d.obj_ids) for d in together["low"])
     assert tracker.sessions_alive() == 0
 
 

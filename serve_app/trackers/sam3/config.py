@@ -33,6 +33,8 @@ class Sam3Config(BaseModel):
                                             description='{"attribute.path": value} set on the built model.')
     trim_memory: bool = Field(True, description="Keep each session's memory to the tracker's window.")
     max_pending: int = Field(4, ge=1, description="Jobs that may wait for the model thread before new ones get 429.")
+    max_sessions: int | None = Field(None, ge=1, le=64, description="Jobs interleaved frame by frame on the one "
+                                     "model; default: the tracker deployment's max_ongoing_requests (1 outside Serve).")
     max_objects: int = Field(64, ge=1, le=64, strict=True,
                              description="Objects a job may track here (a job's max_objects above it is lowered); "
                                          "warm-up compiles for up to this many.")
@@ -44,6 +46,10 @@ class Sam3Config(BaseModel):
             if name in PER_JOB:
                 raise ValueError(f"{name!r} is set for each job from its {PER_JOB[name]}; it cannot be overridden")
         return value
+
+    @property
+    def sessions(self) -> int:
+        return self.max_sessions or 1
 
     @property
     def num_gpus(self) -> float:

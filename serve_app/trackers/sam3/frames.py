@@ -61,6 +61,7 @@ class LazyFrames:
         self._held: deque[FrameChunk] = deque()   # uint8 chunks, oldest first
         self._received = 0                        # frames pulled so far
         self._converted: dict[int, object] = {}   # frame index -> model input tensor
+        self._newest = -1                         # the newest frame asked for
         self.size = expected_size                 # (height, width) every frame must have
 
     def __len__(self) -> int:
@@ -70,6 +71,7 @@ class LazyFrames:
         index = int(index)
         if not 0 <= index < self.num_frames:
             raise IndexError(f"frame {index} of a {self.num_frames}-frame video")
+        self._newest = max(self._newest, index)
         tensor = self._converted.get(index)
         if tensor is None:
             tensor = to_model_input(self._uint8(index), self._device, self._image_size)
@@ -79,6 +81,11 @@ class LazyFrames:
                 del self._converted[old]
             self._release_below(newest - self._keep_converted + 1)
         return tensor
+
+    def holding(self, ahead: int = 2) -> bool:
+        """Whether the next `ahead` frames (SAM 3 reads one frame and prefetches the next) are
+        already here, or every frame is: the model can step without pulling."""
+        return self._received >= min(self._newest + 1 + ahead, self.num_frames)
 
     def _uint8(self, index: int) -> np.ndarray:
         while index >= self._received:

@@ -34,7 +34,7 @@ import dataclasses
 import gc
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, ContextManager
 
 from serve_app.trackers.sam3 import compat
 from serve_app.trackers.sam3.frames import LazyFrames
@@ -172,31 +172,56 @@ class Session:
 
     def run(self, prompt: str, emit: Emit, between_frames: Callable[[], None] = lambda: None,
             settings: Mapping[str, Any] | None = None) -> None:
+        """Run every step (`steps`); `between_frames` runs after each emitted frame (it may
+        raise to stop)."""
+        for _ in self.steps(prompt, emit, settings):
+            between_frames()
+
+    def steps(self, prompt: str, emit: Emit, settings: Mapping[str, Any] | None = None,
+              around: Callable[[], ContextManager] = contextlib.nullcontext) -> Iterator[int]:
         """Prompt frame 0 with `prompt` and propagate forward, calling `emit` once per frame in
-        order. `between_frames` runs after each emitted frame (it may raise to stop).
-        `settings` are model attributes for this session only (`detection_settings`)."""
+        order; yields each emitted frame's index. `settings` are model attributes for this
+        session only (`detection_settings`), `around` a context for each step.
+
+        Between two steps the model is free for other sessions (the model thread interleaves
+        them): the settings and contexts are entered for one step at a time, never held
+        across a yield, so no session sees another's thresholds."""
         model, state = self.model, self.state
         if state is None:
             raise RuntimeError("session is closed")
-        with compat.model_context(model.device), model_settings(model, settings or {}):
+
+        def step() -> contextlib.ExitStack:
+            stack = contextlib.ExitStack()
+            stack.enter_context(compat.model_context(model.device))
+            stack.enter_context(model_settings(model, settings or {}))
+            stack.enter_context(around())
+            return stack
+
+        with step():
             # The prompt runs frame 0 once; propagation then runs every frame from 0, as
             # Sam3VideoPredictor.add_prompt + propagate_in_video do.
             model.add_prompt(state, frame_idx=0, text_str=prompt)
             self._propagation = model.propagate_in_video(
                 state, start_frame_idx=0, max_frame_num_to_track=self.num_frames, reverse=False
             )
-            try:
-                for frame_idx, outputs in self._propagation:
+        try:
+            while True:
+                with step():
+                    item = next(self._propagation, None)
+                    if item is None:
+                        break
+                    frame_idx, outputs = item
                     if frame_idx != self.emitted + 1:
                         raise RuntimeError(f"SAM 3 emitted frame {frame_idx} after frame {self.emitted}")
                     emit(frame_idx, outputs)
                     self.emitted = frame_idx
                     if self.trim:
                         trim_session(state, model, frame_idx, self.propagation_locals(), self._removed_seen)
-                    between_frames()
-            finally:
+                yield frame_idx
+        finally:
+            with compat.model_context(model.device):
                 self._propagation.close()  # its buffers go now, inside the model's context
-                self._propagation = None
+            self._propagation = None
 
     def propagation_locals(self) -> dict[str, Any]:
         """The variables of SAM 3's running propagate_in_video (sam3_video_inference.py:249-356):

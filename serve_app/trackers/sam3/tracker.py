@@ -14,7 +14,7 @@ from serve_app.errors import ModelError, ModelUnavailable, ServiceError
 from serve_app.media import Detections, FrameChunk, VideoInfo
 from serve_app.trackers.sam3.config import Sam3Config
 from serve_app.trackers.sam3.loading import WeightsSource, build_model, pick_device, resolve_weights
-from serve_app.trackers.sam3.worker import DONE, ModelWorker, Feed, stream
+from serve_app.trackers.worker import DONE, Feed, ModelWorker, stream
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class Sam3Tracker:
             self._on_build(model)
             return model
 
-        self._worker = ModelWorker(build, max_pending=config.max_pending)
+        self._worker = ModelWorker(build, max_pending=config.max_pending, max_sessions=config.sessions)
         self.hotstart_delay = int(self._worker.model.hotstart_delay)
         self.warm_frames = config.warm_frames or self.hotstart_delay + 2
         if self.compile if config.warm_up is None else config.warm_up:
@@ -98,13 +98,16 @@ class Sam3Tracker:
 
     # -- on the model thread ----------------------------------------------------------------
     def _run(self, model, job: Feed, num_frames: int, height: int, width: int, prompt: str,
-             settings: Mapping[str, Any]) -> None:
+             settings: Mapping[str, Any]) -> Iterator[None]:
+        """One job's session, a step per emitted frame: the worker interleaves it with the
+        replica's other sessions (worker.ModelWorker)."""
         from serve_app.trackers.sam3.convert import to_detections
         from serve_app.trackers.sam3.frames import LazyFrames
         from serve_app.trackers.sam3.session import Session
 
         frames = LazyFrames(num_frames, job.pull, model.device, expected_size=(height, width))
-        session = Session(model, frames, num_frames, height, width, trim=self.config.trim_memory)
+        job.holding = frames.holding
+        session = None
         last: list[dict] = [{}]
         stats = {"tracked": 0, "dropped": 0, "recompiles": 0}
 
@@ -115,14 +118,14 @@ class Sam3Tracker:
             stats["dropped"] += int(frame_stats.get("num_obj_dropped", 0))
             job.emit(to_detections(index, outputs, height, width))
 
-        def between_frames() -> None:  # after the frame was emitted and the session trimmed
-            self._after_frame(session, last[0])
-            job.checkpoint()
-
         recompiles_before = self.compiled.total_recompiles if self.compiled else 0
         try:
-            with self.compiled.serving() if self.compiled else contextlib.nullcontext():
-                session.run(prompt, emit, between_frames, settings)
+            session = Session(model, frames, num_frames, height, width, trim=self.config.trim_memory)
+            around = self.compiled.serving if self.compiled else contextlib.nullcontext
+            for _ in session.steps(prompt, emit, settings, around):
+                self._after_frame(session, last[0])  # the frame was emitted and the session trimmed
+                job.checkpoint()
+                yield
             if session.emitted != num_frames - 1:
                 raise ModelError(f"SAM 3 emitted {session.emitted + 1} frames of {num_frames}")
             job.emit(DONE)
@@ -133,7 +136,10 @@ class Sam3Tracker:
                 log.exception("SAM 3 failed on a %d-frame %dx%d video", num_frames, width, height)
             raise
         finally:
-            session.close()
+            if session is not None:
+                session.close()
+            else:
+                frames.close()
             stats["recompiles"] = (self.compiled.total_recompiles if self.compiled else 0) - recompiles_before
             self.last_job = stats
             if stats["dropped"]:
