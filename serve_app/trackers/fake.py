@@ -8,9 +8,10 @@ fixed at the object's birth (its colour saturation, so pale shapes score low), b
 normalised xywh derived from the masks, masks at video resolution. It lets the whole service
 run, and be tested, without a GPU or weights.
 
-It runs as SAM 3 does: on one model thread per tracker (trackers/worker.py), jobs interleaved
-frame by frame up to `max_sessions`; so `frame_delay_s` stands in for a GPU's time per frame,
-one device shared by the replica's jobs.
+With `frame_delay_s` set (standing in for a GPU's time per frame) it runs as SAM 3 does: on
+one model thread per tracker (trackers/worker.py), jobs interleaved frame by frame up to
+`max_sessions`, one device shared by the replica's jobs. Without, each job runs in its
+request's thread.
 """
 
 from __future__ import annotations
@@ -59,16 +60,24 @@ class FakeConfig(BaseModel):
 class ColorShapeTracker:
     def __init__(self, config: FakeConfig = FakeConfig()) -> None:
         self.config = config
-        self._worker = ModelWorker(lambda: None, max_pending=MAX_PENDING, name="stand-in-model",
-                                   max_sessions=config.max_sessions or 1, label="the stand-in tracker")
-        weakref.finalize(self, self._worker.stop, 0.0)  # its thread goes with the tracker
+        self._worker = None
+        if config.frame_delay_s:  # standing in for a GPU model: one model thread, as SAM 3's
+            self._worker = ModelWorker(lambda: None, max_pending=MAX_PENDING, name="stand-in-model",
+                                       max_sessions=config.max_sessions or 1, label="the stand-in tracker")
+            weakref.finalize(self, self._worker.stop, 0.0)  # its thread goes with the tracker
 
     def colours(self, prompt: str) -> list[str]:
         words = set(re.findall(r"[a-z]+", prompt.lower()))
         return [c for c in HUES if c in words]
 
     def track(self, chunks: Iterable[FrameChunk], info: VideoInfo, config: JobConfig) -> Iterator[Detections]:
-        yield from stream(self._worker, lambda model, feed: self._session(feed, config), chunks)
+        if self._worker is not None:
+            yield from stream(self._worker, lambda model, feed: self._session(feed, config), chunks)
+            return
+        inline = _Inline(chunks)  # in the request's thread
+        for _ in self._session(inline, config):
+            yield from inline.take()
+        yield from inline.take()
 
     def _session(self, feed: Feed, config: JobConfig) -> Iterator[None]:
         """One job on the model thread, a step per frame (worker.ModelWorker interleaves them)."""
@@ -187,6 +196,26 @@ def _merge(rects: list[tuple[int, int, int, int]]) -> list[tuple[int, int, int, 
             if merged:
                 break
     return rects
+
+
+class _Inline:
+    """What `_session` needs of a Feed, for running it in the request's thread."""
+
+    def __init__(self, chunks: Iterable[FrameChunk]) -> None:
+        self._chunks = iter(chunks)
+        self._out: list[Detections] = []
+        self.holding = lambda: False
+
+    def pull(self) -> FrameChunk | None:
+        return next(self._chunks, None)
+
+    def emit(self, result) -> None:
+        if result is not DONE:
+            self._out.append(result)
+
+    def take(self) -> list[Detections]:
+        out, self._out = self._out, []
+        return out
 
 
 class _Blob(NamedTuple):
