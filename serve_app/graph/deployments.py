@@ -7,11 +7,13 @@ options (replicas, GPUs, queues) are set in serve_app/app.py, the one place the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
+import functools
 import os
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 from ray import serve
@@ -31,6 +33,47 @@ def give_back_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: nothing to ask
         pass
+
+
+_END = object()
+
+
+def stoppable(method: Callable[..., Iterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
+    """A stage's blocking generator method as an async generator method that Serve can stop.
+
+    Serve cannot stop a sync generator method: cancelled, it runs to its end in Serve's thread
+    pool (a client gone or an async job deleted, and the tracker still works through the
+    whole video). An async one is cancelled or closed; then the blocking generator, stepped
+    in a worker thread, is closed as soon as the step it is in has ended, so its cleanup runs
+    at once (the tracker's session is freed at its next frame)."""
+
+    @functools.wraps(method)
+    async def stream(self, *args: Any, **kwargs: Any) -> AsyncIterator[Any]:
+        async with contextlib.aclosing(_in_thread(method(self, *args, **kwargs))) as items:
+            async for item in items:
+                yield item
+
+    return stream
+
+
+async def _in_thread(steps: Iterator[Any]) -> AsyncIterator[Any]:
+    pending: asyncio.Future | None = None
+    try:
+        while True:
+            pending = asyncio.ensure_future(asyncio.to_thread(next, steps, _END))
+            item = await asyncio.shield(pending)
+            pending = None
+            if item is _END:
+                return
+            yield item
+    finally:
+        async def close() -> None:
+            if pending is not None:  # a generator cannot be closed while it runs a step
+                with contextlib.suppress(BaseException):
+                    await pending
+            await asyncio.to_thread(steps.close)
+
+        await asyncio.shield(asyncio.ensure_future(close()))
 
 
 @serve.deployment(name="Decoder")
@@ -83,6 +126,7 @@ class TrackerDeployment:
         self.decoder = decoder
         decoder.prefer_local()
 
+    @stoppable
     def track(self, video: VideoRef, info: VideoInfo, config: JobConfig, deadline: Deadline) -> Iterator[TrackedBatch]:
         try:
             yield from track(self.tracker, self.decoder.frames(video, info), info, config, deadline=deadline)
@@ -104,6 +148,7 @@ class EncoderDeployment:
         self.tracker = tracker
         self.presets = {**DEFAULT_PRESETS, **presets}  # libx264 preset by mode
 
+    @stoppable
     def segment(self, video: VideoRef, info: VideoInfo, config: JobConfig,
                 deadline: Deadline) -> Iterator[JobProgress | SegmentResult]:
         """Streams how far it has got (every `PROGRESS_S`), then the result."""

@@ -105,10 +105,12 @@ def hostile(cluster) -> str:
 
 
 # The async job apps: the same suite runs on each job database. A scripted tracker that takes
-# 0.2 s a frame on "slow" prompts, one job at a time per tracker replica (so a job that did not
-# free the tracker would hold the next one back), and a runner declared dead after 3 s of silence.
+# 0.2 s a frame on "slow" prompts, one job at a time per tracker replica, on its one model thread
+# as SAM 3 is (a frame_delay_s puts the stand-in there: so a job that did not free the tracker
+# would hold the next one back), and a runner declared dead after 3 s of silence.
 JOBS_STALE_S = 3
-JOBS_ARGS = {"tracker": {"kind": "import", "path": "tests.doubles:ScriptedTracker", "options": {"delay_s": 0.2}},
+JOBS_ARGS = {"tracker": {"kind": "import", "path": "tests.doubles:ScriptedTracker",
+                         "options": {"delay_s": 0.2, "frame_delay_s": 0.001}},
              "tracker_max_ongoing_requests": 1, "job_stale_s": JOBS_STALE_S}
 
 
