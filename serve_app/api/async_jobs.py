@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import uuid
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
@@ -23,8 +24,8 @@ from starlette.routing import Route
 from serve_app.api.job import JobRecord, async_job_json
 from serve_app.api.routes import job_route, receive
 from serve_app.api.upload import MULTIPART_SLACK, read_multipart
-from serve_app.contract import parse_job
-from serve_app.errors import InvalidJob, NotFound, Overloaded
+from serve_app.contract import JobConfig, parse_job
+from serve_app.errors import NotFound, Overloaded
 
 RANGE = re.compile(r"bytes=(\d*)-(\d*)")
 
@@ -48,18 +49,30 @@ async def submit(request: Request, job: JobRecord):
                             wait=True)
     try:
         job.config = parse_job(upload.job).config
-        info = await service.probe(upload.path)  # its refusals come now, not in job.json later
-        store = service.store
-        if await asyncio.to_thread(store.count, "queued") >= service.max_queued_jobs:
-            raise Overloaded(f"{service.max_queued_jobs} jobs are waiting already; retry later",
-                             service.jobs.retry_after_s)
-        await asyncio.to_thread(store.put_file, job.id, "input.mp4", upload.path)
-        service.runner.probed[job.id] = info
-        row = await asyncio.to_thread(store.create, job.config.model_dump(exclude_unset=True), info.num_frames, job.id)
-        service.runner.wake.set()
+        row = await enqueue(service, upload.path, job.config)
     finally:
         os.unlink(upload.path)
     return JSONResponse(async_job_json(row, job.config), status_code=201)
+
+
+async def enqueue(service, path: str, config: JobConfig):
+    """Queue an async job for the upload at `path`, refused now, not in job.json later, when
+    the queue is full or the probe refuses the video. Its id is new, never the caller's
+    X-Request-ID: it names the job's files in the store."""
+    store = service.store
+    if await asyncio.to_thread(store.count, "queued") >= service.max_queued_jobs:
+        raise Overloaded(f"{service.max_queued_jobs} jobs are waiting already; retry later",
+                         service.jobs.retry_after_s)
+    info = await service.probe(path)
+    job_id = uuid.uuid4().hex
+    await asyncio.to_thread(store.put_file, job_id, "input.mp4", path)
+    try:
+        row = await asyncio.to_thread(store.create, config.model_dump(exclude_unset=True), info.num_frames, job_id)
+    except BaseException:
+        await asyncio.to_thread(store.remove_files, job_id)
+        raise
+    service.runner.probed_here(job_id, info)
+    return row
 
 
 async def _row(request: Request):
@@ -87,6 +100,8 @@ async def output(request: Request, job: JobRecord):
         raise NotFound(f"job {row.id} has no output {name[:64]!r}; it has {row.outputs}")
     store = request.app.state.service.store
     size = await asyncio.to_thread(store.size, row.id, name)
+    if size is None:  # deleted or expired since the row was read
+        raise NotFound(f"job {row.id}'s {name} is gone")
     media = "video/mp4" if name.endswith(".mp4") else "application/json"
     wanted = RANGE.fullmatch(request.headers.get("range", "").strip())
     if not wanted or wanted.groups() == ("", ""):
@@ -105,46 +120,14 @@ async def output(request: Request, job: JobRecord):
 async def cancel(request: Request, job: JobRecord):
     row = await _row(request)
     if not await asyncio.to_thread(request.app.state.service.store.delete, row.id):
-        raise InvalidJob(f"job {row.id} could not be deleted")
+        raise NotFound(f"no job {row.id!r}; it was deleted or expired meanwhile")
     return Response(status_code=204)
 
 
 # -- the handle API's side ------------------------------------------------------------------------
 async def submit_job(service, video, config) -> str:
-    import uuid
-
-    from serve_app.contract import JobConfig, parse_config
+    from serve_app.contract import parse_config
 
     cfg = config if isinstance(config, JobConfig) else parse_config(config)
     async with service.bytes_on_disk(video) as (path, _):
-        info = await service.probe(path)
-        if await asyncio.to_thread(service.store.count, "queued") >= service.max_queued_jobs:
-            raise Overloaded(f"{service.max_queued_jobs} jobs are waiting already; retry later",
-                             service.jobs.retry_after_s)
-        job_id = uuid.uuid4().hex
-        await asyncio.to_thread(service.store.put_file, job_id, "input.mp4", path)
-        service.runner.probed[job_id] = info
-        await asyncio.to_thread(service.store.create, cfg.model_dump(exclude_unset=True), info.num_frames, job_id)
-        service.runner.wake.set()
-    return job_id
-
-
-async def job_status(service, job_id: str) -> dict:
-    row = await asyncio.to_thread(service.store.get, job_id)
-    if row is None:
-        raise NotFound(f"no job {job_id[:64]!r}; it never was, was deleted or has expired")
-    return async_job_json(row)
-
-
-async def job_result(service, job_id: str) -> dict[str, bytes]:
-    from serve_app.errors import JobNotDone, error_from_code
-
-    row = await asyncio.to_thread(service.store.get, job_id)
-    if row is None:
-        raise NotFound(f"no job {job_id[:64]!r}; it never was, was deleted or has expired")
-    if row.state == "failed":
-        raise error_from_code(row.code, row.error or "the job failed")
-    if row.state != "processed":
-        raise JobNotDone(f"job {job_id} is {row.state} ({row.frames_done} of {row.frames_total} frames); "
-                         "ask again later")
-    return {name: await asyncio.to_thread(service.store.read, row.id, name) for name in row.outputs}
+        return (await enqueue(service, path, cfg)).id

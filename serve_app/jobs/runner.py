@@ -3,8 +3,10 @@ shared store while the replica has job slots free, runs them through the same gr
 /v2/job, and writes their progress, outputs and errors back.
 
 While a job runs, its record is updated every `beat_s` (frames done: job.json follows within a
-second; and a heartbeat). A record that has gone (DELETE) stops the job at once: its graph
-call is cancelled, so the tracker frees its session at the next frame. Every `sweep_s` it also
+second; and a heartbeat), until its outputs are written. A record no longer processing (DELETE,
+or taken back by another replica's recover()) stops the job at once: its graph call is
+cancelled, so the tracker frees its session at the next frame; a deleted job's files go, a
+taken-back job's stay for its next run. Every `sweep_s` it also
 puts back jobs whose runner went silent and deletes jobs past their TTL.
 """
 
@@ -16,6 +18,7 @@ import os
 import tempfile
 import time
 import uuid
+from collections import OrderedDict
 
 from serve_app.contract import JobConfig
 from serve_app.errors import Overloaded, ServiceError, http_status
@@ -23,6 +26,7 @@ from serve_app.graph.wire import SPOOL_PREFIX, JobProgress
 from serve_app.jobs.store import JobRow, JobStore
 
 log = logging.getLogger("ray.serve")
+PROBES_KEPT = 256
 
 
 class JobRunner:
@@ -35,7 +39,16 @@ class JobRunner:
         self.running: dict[str, asyncio.Task] = {}
         self.swept = self.backoff_until = 0.0
         self.wake = asyncio.Event()  # a job was submitted here: claim now, not at the next poll
-        self.probed: dict[str, object] = {}  # VideoInfo of jobs submitted here: no second probe
+        # VideoInfo of jobs submitted here, so the runner need not probe them again; bounded,
+        # as a job may be deleted, expire or run on another replica first (then it is probed).
+        self.probed: OrderedDict[str, object] = OrderedDict()
+
+    def probed_here(self, job_id: str, info: object) -> None:
+        """A job submitted here: remember its probe, and claim now rather than at the next poll."""
+        self.probed[job_id] = info
+        while len(self.probed) > PROBES_KEPT:
+            self.probed.popitem(last=False)
+        self.wake.set()
 
     async def loop(self) -> None:
         while True:
@@ -57,14 +70,18 @@ class JobRunner:
         self.service.metrics.jobs(await asyncio.to_thread(self.store.count, "queued"), len(self.running))
         jobs = self.service.jobs
         while time.monotonic() > self.backoff_until and jobs.acquire():  # a slot first: a claimed job never waits
-            row = await asyncio.to_thread(self.store.claim, self.worker)
+            try:
+                row = await asyncio.to_thread(self.store.claim, self.worker)
+            except BaseException:
+                jobs.release()
+                raise
             if row is None:
                 jobs.release()
                 return
             self.running[row.id] = asyncio.create_task(self.run(row))
 
     async def run(self, row: JobRow) -> None:
-        progress = JobProgress(0, row.frames_total)
+        progress, stage = JobProgress(0, row.frames_total), "tracking"
         task = asyncio.current_task()
 
         def seen(p: JobProgress) -> None:
@@ -75,33 +92,38 @@ class JobRunner:
             while True:
                 await asyncio.sleep(self.beat_s)
                 alive = await asyncio.to_thread(self.store.update, row.id, frames_done=progress.frames_done,
-                                                frames_total=progress.frames_total, stage="tracking")
+                                                frames_total=progress.frames_total, stage=stage)
                 if not alive:
                     task.cancel()
                     return
 
-        fd, local = tempfile.mkstemp(prefix=SPOOL_PREFIX, suffix=".mp4")
-        os.close(fd)
+        local = None
         beating = asyncio.create_task(beat())
         try:
             try:
+                fd, local = tempfile.mkstemp(prefix=SPOOL_PREFIX, suffix=".mp4")
+                os.close(fd)
                 await asyncio.to_thread(self.store.get_file, row.id, "input.mp4", local)
                 config = JobConfig.model_validate(row.config)
                 result = await self.service.run(local, config, info=self.probed.pop(row.id, None), on_progress=seen)
             finally:
                 self.service.jobs.release()
-            beating.cancel()
-            await asyncio.to_thread(self.store.update, row.id, stage="writing", frames_done=result.num_frames)
+            progress, stage = JobProgress(result.num_frames, row.frames_total), "writing"  # still beating
+            await asyncio.to_thread(self.store.update, row.id, stage=stage, frames_done=result.num_frames)
             outputs = {"output.mp4": result.mp4, **({"objects.json": result.objects} if result.objects else {})}
             for name, data in outputs.items():
                 await asyncio.to_thread(self.store.put_bytes, row.id, name, data)
-            if not await asyncio.to_thread(self.store.finish, row.id, list(outputs), result.num_frames):
-                await asyncio.to_thread(self.store.remove_files, row.id)  # deleted meanwhile
+            beating.cancel()
+            finished = await asyncio.to_thread(self.store.finish, row.id, list(outputs), result.num_frames)
+            if not finished and await asyncio.to_thread(self.store.get, row.id) is None:
+                await asyncio.to_thread(self.store.remove_files, row.id)  # deleted meanwhile: its outputs too
             self.service.finished(row.id, 200, result)
             self.service.metrics.job_done("processed", time.time() - row.created_at)
-        except asyncio.CancelledError:
+        except asyncio.CancelledError:  # deleted, or taken back by another replica's recover()
             log.info("async job %s cancelled", row.id)
-            await asyncio.to_thread(self.store.remove_files, row.id)
+            if await asyncio.to_thread(self.store.get, row.id) is None:  # deleted: none of its files stay
+                await asyncio.to_thread(self.store.remove_files, row.id)
+            raise
         except Overloaded:  # the graph's queues are full: the job waits in ours instead
             self.backoff_until = time.monotonic() + self.service.jobs.retry_after_s
             await asyncio.to_thread(self.store.requeue, row.id)
@@ -112,5 +134,6 @@ class JobRunner:
             self.service.metrics.job_done("failed", time.time() - row.created_at)
         finally:
             beating.cancel()
-            os.unlink(local)
+            if local is not None:
+                os.unlink(local)
             self.running.pop(row.id, None)

@@ -94,7 +94,7 @@ class JobStore:
             METADATA.create_all(self.engine)
             self.postgres = self.engine.dialect.name == "postgresql"
         except Exception as exc:  # whatever the URL, driver or permissions say
-            raise ModelUnavailable(f"the job store {store_url!r} (database {db_url!r}) cannot be used: "
+            raise ModelUnavailable(f"the job store {store_url!r} (database {_shown(db_url)!r}) cannot be used: "
                                    f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from None
 
     # -- files ----------------------------------------------------------------------------------
@@ -224,3 +224,13 @@ class JobStore:
 
 def _sqlite_wal(connection, _record) -> None:
     connection.execute("PRAGMA journal_mode=WAL")
+
+
+def _shown(db_url: str | None) -> str | None:
+    """A database URL fit for a message: its password starred (it ends up in logs and status)."""
+    import sqlalchemy as sa
+
+    try:
+        return sa.engine.make_url(db_url).render_as_string(hide_password=True)
+    except Exception:  # not a URL at all: nothing in it to hide, and it says what is wrong
+        return db_url

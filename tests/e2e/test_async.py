@@ -2,8 +2,10 @@
 requests, cancelling, many jobs at once, restarts, a replica killed mid-job, expiry."""
 
 import json
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -104,6 +106,23 @@ def test_unknown_ids_are_404_json(jobs, method, path):
     base, *_ = jobs
     r = httpx.request(method, f"{base}/v2/job/async/no-such-job{path}")
     assert r.status_code == 404 and r.json()["code"] == "not_found" and "no-such-job" in r.json()["error"]
+
+
+def test_a_jobs_id_is_its_own_never_the_callers_request_id(jobs, shapes):
+    """The id names the job's files in the store: a caller's X-Request-ID of ".." must not."""
+    base, _, store, _ = jobs
+    outside = Path(store).parent / "input.mp4"  # where a job named ".." would keep its input
+
+    def written() -> int | None:
+        return outside.stat().st_mtime_ns if outside.exists() else None
+
+    before = written()
+    r = submit(base, shapes.read_bytes(), {"prompt": "red"}, {"X-Request-ID": ".."})
+    assert r.status_code == 201 and re.fullmatch(r"[0-9a-f]{32}", r.json()["id"]), r.text
+    assert wait(base, r.json()["id"])["state"]["current"] == "processed"
+    assert httpx.delete(f"{base}/v2/job/async/%2E%2E").status_code == 404  # ".." itself is no job
+    assert written() == before and any(Path(store).iterdir())
+    assert httpx.delete(f"{base}/v2/job/async/{r.json()['id']}").status_code == 204
 
 
 def test_cancelling_a_running_job_frees_the_tracker_at_once(jobs, shapes):

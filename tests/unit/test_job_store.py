@@ -120,3 +120,9 @@ def test_a_store_that_cannot_be_written_fails_at_once_with_one_clear_message(tmp
         JobStore("/proc/nowhere")
     with pytest.raises(ModelUnavailable, match="cannot be used"):
         JobStore(str(tmp_path / "ok"), "postgresql+psycopg://nobody@127.0.0.1:1/none")
+
+
+def test_a_database_that_cannot_be_reached_is_named_without_its_password(tmp_path):
+    with pytest.raises(ModelUnavailable) as refused:
+        JobStore(str(tmp_path / "store"), "postgresql+psycopg://jobs:s3cret@127.0.0.1:1/jobs")
+    assert "s3cret" not in str(refused.value) and "jobs:***@127.0.0.1:1/jobs" in str(refused.value)
