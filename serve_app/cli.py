@@ -237,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as exc:  # an --arg that AppArgs refuses
         print("error: " + "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()), file=sys.stderr)
     except OSError as exc:  # an input that cannot be read, an output that cannot be written
-        print(f"error: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
+        print(f"error: {exc.filename}: {exc.strerror or exc}" if exc.filename else f"error: {exc.strerror or exc}",
+              file=sys.stderr)
     return 2
 
 

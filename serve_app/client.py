@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -58,13 +59,18 @@ def segment_via_url(url: str, video: bytes, config: JobConfig, token: str | None
     body, ctype = multipart_job({"type": JOB_TYPE, "config": config.echo()}, video)
     job = json.loads(_call("POST", base, body, {**headers, "Content-Type": ctype}))
     deadline = time.monotonic() + timeout_s
-    while job["state"]["current"] not in ("processed", "failed"):
-        if time.monotonic() > deadline:
-            raise JobTimeout(f"job {job['id']} was not done within {timeout_s:g} s")
-        time.sleep(poll_s)
-        job = json.loads(_call("GET", f"{base}/{job['id']}/job.json", None, headers))
-        if progress is not None and job["progress"]["frames_total"]:
-            progress(job["progress"]["frames_done"], job["progress"]["frames_total"])
+    try:
+        while job["state"]["current"] not in ("processed", "failed"):
+            if time.monotonic() > deadline:
+                raise JobTimeout(f"job {job['id']} was not done within {timeout_s:g} s")
+            time.sleep(poll_s)
+            job = json.loads(_call("GET", f"{base}/{job['id']}/job.json", None, headers))
+            if progress is not None and job["progress"]["frames_total"]:
+                progress(job["progress"]["frames_done"], job["progress"]["frames_total"])
+    except BaseException:  # given up (timeout, Ctrl-C): the job must not go on using the tracker
+        with contextlib.suppress(Exception):
+            _call("DELETE", f"{base}/{job['id']}", None, headers)
+        raise
     if job["state"]["current"] == "failed":
         raise error_from_code(job.get("code"), job.get("error") or "the job failed")
     names = json.loads(_call("GET", f"{base}/{job['id']}/output", None, headers))

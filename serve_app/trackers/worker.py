@@ -287,6 +287,7 @@ def stream(worker: ModelWorker, fn: Callable[[Any, Feed], Any], chunks: Iterable
             if message is NEED_FRAMES:
                 feed.send(next(source, None))
             elif message is DONE:
+                _check_unread(feed)
                 return
             elif isinstance(message, BaseException):
                 if isinstance(message, ServiceError):
@@ -297,3 +298,15 @@ def stream(worker: ModelWorker, fn: Callable[[Any, Feed], Any], chunks: Iterable
     finally:
         if feed.cancel():
             feed.finished.wait()
+
+
+def _check_unread(feed: Feed) -> None:
+    """The chunk read ahead for a model that wanted no more: more frames than the probe counted
+    (the model asks for exactly that many), which the caller would otherwise never see."""
+    while True:
+        try:
+            chunk = feed.to_model.get_nowait()
+        except queue.Empty:
+            return
+        if isinstance(chunk, FrameChunk) and len(chunk):
+            raise ModelError(f"the decoder sent frames from {chunk.start} on; the probe counted fewer")

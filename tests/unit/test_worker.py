@@ -311,3 +311,21 @@ def test_a_session_waiting_for_its_decoder_does_not_hold_up_the_others(shared):
     slow.join(10)
     assert out["fast"][0] == list(range(200)) and out["slow"][0] == list(range(20))
     assert out["fast"][1] < 0.5  # not paced by the slow decoder's 0.1 s a chunk (~1 s in all)
+
+
+def test_frames_past_what_the_model_asked_for_are_an_error_not_dropped(worker):
+    """The chunk read ahead for a model that wanted no more (it asks for the probe's count)."""
+
+    def takes_four(model, job):
+        taken = 0
+        while taken < 4:
+            chunk = job.pull()
+            for i in range(len(chunk)):
+                job.emit(("a", chunk.start + i))
+            taken += len(chunk)
+            yield
+        job.emit(DONE)
+
+    with pytest.raises(ModelError, match="the decoder sent frames from 4 on; the probe counted fewer"):
+        list(stream(worker, takes_four, chunks(6)))
+    assert [r[1] for r in stream(worker, takes_four, chunks(4))] == [0, 1, 2, 3]

@@ -173,8 +173,9 @@ class Compiled:
 
     @contextlib.contextmanager
     def serving(self) -> Iterator[None]:
-        """Around a job on the model thread: once locked, dynamo may not compile. The stance is
-        process-wide, so it is set per job rather than left on for other models' warm-ups."""
+        """Around each step of a job on the model thread: once locked, dynamo may not compile.
+        The stance is process-wide, so it is set per step rather than left on for other
+        models' warm-ups."""
         if not self.locked:
             yield
             return

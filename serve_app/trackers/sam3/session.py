@@ -22,8 +22,8 @@ and the per-frame detector queries (one FindStage per frame, made on demand inst
 num_frames small device tensors allocated up front).
 
 Per-session settings. SAM 3's detection thresholds and object limit are attributes of the
-model, which serves many sessions in turn; `Session.run` sets them for its own duration and
-puts the previous values back however it ends (`model_settings`). `detection_settings` says
+model, which serves many sessions in turn; each step of a session sets them and puts the
+previous values back however it ends (`model_settings`). `detection_settings` says
 what a job's confidence_threshold and max_objects become.
 """
 
@@ -170,12 +170,10 @@ class Session:
         with compat.model_context(model.device):
             self.state: dict | None = _new_state(model, frames, num_frames, height, width)
 
-    def run(self, prompt: str, emit: Emit, between_frames: Callable[[], None] = lambda: None,
-            settings: Mapping[str, Any] | None = None) -> None:
-        """Run every step (`steps`); `between_frames` runs after each emitted frame (it may
-        raise to stop)."""
+    def run(self, prompt: str, emit: Emit, settings: Mapping[str, Any] | None = None) -> None:
+        """Run every step (`steps`) at once."""
         for _ in self.steps(prompt, emit, settings):
-            between_frames()
+            pass
 
     def steps(self, prompt: str, emit: Emit, settings: Mapping[str, Any] | None = None,
               around: Callable[[], ContextManager] = contextlib.nullcontext) -> Iterator[int]:
@@ -190,12 +188,10 @@ class Session:
         if state is None:
             raise RuntimeError("session is closed")
 
-        def step() -> contextlib.ExitStack:
-            stack = contextlib.ExitStack()
-            stack.enter_context(compat.model_context(model.device))
-            stack.enter_context(model_settings(model, settings or {}))
-            stack.enter_context(around())
-            return stack
+        @contextlib.contextmanager
+        def step() -> Iterator[None]:
+            with compat.model_context(model.device), model_settings(model, settings or {}), around():
+                yield
 
         with step():
             # The prompt runs frame 0 once; propagation then runs every frame from 0, as
