@@ -32,44 +32,25 @@ import json
 import os
 import sys
 import time
-from fractions import Fraction
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import numpy as np  # noqa: E402
-
-from benchmarks.common import BENCH_DIR, table  # noqa: E402
-from serve_app import synthetic  # noqa: E402
-from serve_app.media import FrameChunk, VideoInfo  # noqa: E402
+from benchmarks.common import BENCH_DIR, synthetic_chunks, table  # noqa: E402
 
 SIZES = [(832, 480), (1280, 720), (1920, 1080)]
-
-
-def clip_chunks(width: int, height: int, n: int, chunk: int = 16):
-    """n frames at width x height in chunks, cycling 30 rendered frames (rendering is not timed)."""
-    loop = np.stack(list(synthetic.frames(30, width, height)))
-    info = VideoInfo(width=width, height=height, num_frames=n, pts=tuple(range(n)),
-                     time_base=Fraction(1, 30), avg_fps=Fraction(30))
-
-    def chunks():
-        for start in range(0, n, chunk):
-            idx = [i % len(loop) for i in range(start, min(start + chunk, n))]
-            yield FrameChunk(start, loop[idx])
-
-    return info, chunks
 
 
 def run(tracker, width: int, height: int, n: int, objects: int) -> dict:
     import torch
 
-    info, chunks = clip_chunks(width, height, n)
+    info, chunks = synthetic_chunks(width, height, n)
     cuda = tracker.device.type == "cuda"
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    emitted = sum(1 for _ in tracker.track_forced(chunks(), info, objects))
+    emitted = sum(1 for _ in tracker.track_forced(chunks, info, objects))
     seconds = time.perf_counter() - start
     assert emitted == n, (emitted, n)
     log = tracker.frame_log

@@ -156,3 +156,21 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def synthetic_chunks(width: int, height: int, n: int, pool: int = 30, chunk: int = 16):
+    """(VideoInfo, chunks) of n frames of moving shapes at width x height, 30 fps, cycling `pool`
+    rendered frames (one still frame if 1). Rendering is done here, untimed; each chunk is
+    assembled as it is read (one copy, as a decoder makes)."""
+    from fractions import Fraction
+
+    from serve_app import synthetic
+    from serve_app.media import FrameChunk, VideoInfo
+
+    frames = np.stack(list(synthetic.frames(pool, width, height))) if pool > 1 else \
+        synthetic.render(0, 1, width, height)[None]
+    info = VideoInfo(width=width, height=height, num_frames=n, pts=tuple(range(n)),
+                     time_base=Fraction(1, 30), avg_fps=Fraction(30))
+    chunks = (FrameChunk(s, frames[[i % len(frames) for i in range(s, min(s + chunk, n))]])
+              for s in range(0, n, chunk))
+    return info, chunks

@@ -36,13 +36,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from fractions import Fraction
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
+
+from benchmarks.common import synthetic_chunks  # noqa: E402
 
 WHEELS = REPO / ".whl"
 BPE_NAME = "bpe_simple_vocab_16e6.txt.gz"
@@ -77,21 +78,6 @@ class Plan:
         self.warm_frames = None if gpu else 2  # None: SAM 3's hotstart + 2
         self.gpu = gpu
         self.e2e_size = self.sizes[-1]
-
-
-def clip(width: int, height: int, n: int, pool: int, chunk: int = 16):
-    """n frames of moving shapes at width x height in chunks, cycling `pool` rendered frames
-    (rendering is not timed)."""
-    from serve_app import synthetic
-    from serve_app.media import FrameChunk, VideoInfo
-
-    frames = np.stack(list(synthetic.frames(pool, width, height))) if pool > 1 else \
-        synthetic.render(0, 1, width, height)[None]
-    info = VideoInfo(width=width, height=height, num_frames=n, pts=tuple(range(n)),
-                     time_base=Fraction(1, 30), avg_fps=Fraction(30))
-    chunks = [FrameChunk(s, frames[[i % len(frames) for i in range(s, min(s + chunk, n))]])
-              for s in range(0, n, chunk)]
-    return info, chunks
 
 
 def synchronize() -> None:
@@ -136,7 +122,7 @@ def run_check(args) -> dict:
     fps = {}
     for width, height in plan.sizes:
         for k in plan.objects:
-            info, chunks = clip(width, height, plan.frames, plan.pool)
+            info, chunks = synthetic_chunks(width, height, plan.frames, plan.pool)
             synchronize()
             t = time.perf_counter()
             n = sum(1 for _ in tracker.track_forced(chunks, info, k))
@@ -151,7 +137,7 @@ def run_check(args) -> dict:
     # 3. GPU memory against length
     lo, hi = plan.memory_frames
     width, height = plan.e2e_size
-    info, chunks = clip(width, height, hi, plan.pool)
+    info, chunks = synthetic_chunks(width, height, hi, plan.pool)
     _free()
     weights = torch.cuda.memory_allocated() if plan.gpu else 0  # the model, its CUDA graph pools
     list(tracker.track_forced(chunks, info, plan.max_objects))
@@ -245,7 +231,7 @@ def run_stock(plan: Plan, checkpoint: Path, width: int, height: int, k: int):
     model = predictor.model
     for name, value in forced_objects(k).items():
         setattr(model, name, value)
-    info, chunks = clip(width, height, plan.frames, plan.pool)
+    info, chunks = synthetic_chunks(width, height, plan.frames, plan.pool)
     images = [Image.fromarray(f) for c in chunks for f in c.frames]
     # sam3 stacks float16 frames on the CPU, which CPU autocast refuses (CUDA autocast leaves CPU
     # tensors alone): on a CPU the session starts outside the model's context.
@@ -297,7 +283,7 @@ def trimmed_vs_untrimmed(plan: Plan, model) -> tuple[bool, str]:
     n = plan.trim_frames
     runs = []
     for trim in (True, False):
-        info, chunks = clip(width, height, n, plan.pool)
+        info, chunks = synthetic_chunks(width, height, n, plan.pool)
         pending = iter(chunks)
         logits, outputs = [], []
         original = model.run_tracker_propagation
@@ -425,31 +411,21 @@ def measure_cpu_stages(seconds: int = 5) -> dict:
     """The service's non-model path (probe, decode, composite, encode; serve_app.pipeline.run_local)
     at 1280x720 with a tracker that costs nothing, in mask and overlay mode: the throughput
     the CPU stages give the GPU tracker. Needs PyAV, so it runs here, not on the GPU machine."""
+    from benchmarks.bench_pipeline import PROMPT as STAGES_PROMPT, ReplayTracker, precompute
     from benchmarks.common import shapes_clip
     from serve_app.contract import JobConfig
-    from serve_app.pipeline import LocalFrames, run_local
-    from serve_app.trackers.fake import ColorShapeTracker
+    from serve_app.pipeline import run_local
     from serve_app.video.probe import probe
 
     src = shapes_clip(1280, 720, seconds)
     info = probe(src)
-    source = LocalFrames(src, info)
-    try:
-        detections = list(ColorShapeTracker().track(source, info, JobConfig(prompt="red blue green yellow")))
-    finally:
-        source.close()
-
-    class Replay:
-        def track(self, chunks, info, config):
-            for chunk in chunks:
-                for i in range(len(chunk)):
-                    yield detections[chunk.start + i]
+    replay = ReplayTracker(precompute(src))
 
     fps = {}
     with tempfile.TemporaryDirectory() as tmp:
         for mode in ("mask", "overlay"):
-            config = JobConfig(prompt="red blue green yellow", mode=mode)
-            timings = run_local(src, Path(tmp) / f"{mode}.mp4", config, Replay())
+            config = JobConfig(prompt=STAGES_PROMPT, mode=mode)
+            timings = run_local(src, Path(tmp) / f"{mode}.mp4", config, replay)
             fps[mode] = round(info.num_frames / (timings.total_ms / 1e3), 1)
     return {"fps": fps, "frames": info.num_frames,
             "machine": f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()})"}

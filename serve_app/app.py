@@ -149,9 +149,11 @@ def build_app(args: dict[str, Any] | AppArgs | None = None):
         max_queued_requests=a.ingress_max_queued_requests,
         backpressure_config={"status_code": 429, "retry_after_s": a.retry_after_s}, **quick_stop
     ).bind(encoder, IngressSettings(
-        a.limits, a.auth_tokens_env, a.max_inflight_per_ingress, a.max_uploads_per_ingress, a.max_uploads_per_client,
-        a.retry_after_s, Pace(a.upload_idle_s, a.upload_min_bytes_per_s), a.job_timeout_s, a.job_store, a.job_db,
-        a.job_ttl_s, a.max_queued_jobs, a.job_stale_s))
+        limits=a.limits, auth_tokens_env=a.auth_tokens_env, max_jobs=a.max_inflight_per_ingress,
+        max_uploads=a.max_uploads_per_ingress, max_uploads_per_client=a.max_uploads_per_client,
+        retry_after_s=a.retry_after_s, pace=Pace(a.upload_idle_s, a.upload_min_bytes_per_s),
+        job_timeout_s=a.job_timeout_s, job_store=a.job_store, job_db=a.job_db, job_ttl_s=a.job_ttl_s,
+        max_queued_jobs=a.max_queued_jobs, job_stale_s=a.job_stale_s))
 
 
 def _with_sessions(a: AppArgs) -> TrackerConfig:

@@ -74,7 +74,7 @@ def _app_args(args: argparse.Namespace, joining: bool) -> dict[str, Any]:
         from serve_app.jobs.store import JobStore
 
         a = AppArgs.model_validate(app)
-        JobStore(os.path.expanduser(a.job_store), a.job_db)
+        JobStore(os.path.expanduser(a.job_store), a.job_db).engine.dispose()  # a check: no connections kept
     return app
 
 

@@ -77,7 +77,8 @@ class Slots:
 
 @dataclass(frozen=True)
 class IngressSettings:
-    """What build_app tells the ingress (serve_app/app.py AppArgs has each field's meaning)."""
+    """What build_app tells the ingress, from AppArgs (serve_app/app.py: max_jobs is
+    max_inflight_per_ingress, max_uploads max_uploads_per_ingress, pace the upload_* args)."""
 
     limits: Limits
     auth_tokens_env: str
