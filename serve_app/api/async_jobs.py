@@ -76,9 +76,13 @@ async def enqueue(service, path: str, config: JobConfig):
 
 
 async def _row(request: Request):
-    row = await asyncio.to_thread(request.app.state.service.store.get, request.path_params["id"])
+    return await _get(request.app.state.service, request.path_params["id"])
+
+
+async def _get(service, job_id: str):
+    row = await asyncio.to_thread(service.store.get, job_id)
     if row is None:
-        raise NotFound(f"no job {request.path_params['id'][:64]!r}; it never was, was deleted or has expired")
+        raise NotFound(f"no job {job_id[:64]!r}; it never was, was deleted or has expired")
     return row
 
 
@@ -131,3 +135,19 @@ async def submit_job(service, video, config) -> str:
     cfg = config if isinstance(config, JobConfig) else parse_config(config)
     async with service.bytes_on_disk(video) as (path, _):
         return (await enqueue(service, path, cfg)).id
+
+
+async def job_status(service, job_id: str) -> dict:
+    return async_job_json(await _get(service, job_id))
+
+
+async def job_result(service, job_id: str) -> dict[str, bytes]:
+    from serve_app.errors import JobNotDone, error_from_code
+
+    row = await _get(service, job_id)
+    if row.state == "failed":
+        raise error_from_code(row.code, row.error or "the job failed")
+    if row.state != "processed":
+        raise JobNotDone(f"job {job_id} is {row.state} ({row.frames_done} of {row.frames_total} frames); "
+                         "ask again later")
+    return {name: await asyncio.to_thread(service.store.read, row.id, name) for name in row.outputs}
