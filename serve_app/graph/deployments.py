@@ -14,6 +14,7 @@ import os
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ray import serve
@@ -57,10 +58,14 @@ def stoppable(method: Callable[..., Iterator[Any]]) -> Callable[..., AsyncIterat
 
 
 async def _in_thread(steps: Iterator[Any]) -> AsyncIterator[Any]:
+    # One thread for all of a job's steps, as Serve ran the sync generator: what the steps
+    # allocate stays in one malloc arena, and a step never finds another thread's state.
+    loop = asyncio.get_running_loop()
+    thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stage-steps")
     pending: asyncio.Future | None = None
     try:
         while True:
-            pending = asyncio.ensure_future(asyncio.to_thread(next, steps, _END))
+            pending = loop.run_in_executor(thread, next, steps, _END)
             item = await asyncio.shield(pending)
             pending = None
             if item is _END:
@@ -71,7 +76,8 @@ async def _in_thread(steps: Iterator[Any]) -> AsyncIterator[Any]:
             if pending is not None:  # a generator cannot be closed while it runs a step
                 with contextlib.suppress(BaseException):
                     await pending
-            await asyncio.to_thread(steps.close)
+            await loop.run_in_executor(thread, steps.close)
+            thread.shutdown(wait=False)
 
         await asyncio.shield(asyncio.ensure_future(close()))
 
