@@ -77,7 +77,8 @@ async def _in_thread(steps: Iterator[Any]) -> AsyncIterator[Any]:
                 with contextlib.suppress(BaseException):
                     await pending
             await loop.run_in_executor(thread, steps.close)
-            thread.shutdown(wait=False)
+            await asyncio.to_thread(thread.shutdown)
+            give_back_memory()  # again: what the thread freed as it ended came after the stage's trim
 
         await asyncio.shield(asyncio.ensure_future(close()))
 
