@@ -18,7 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import Timing, free_port, shapes_clip, table  # noqa: E402
+from benchmarks.common import Timing, shapes_clip, table  # noqa: E402
+from testkit.net import free_port  # noqa: E402
 
 JOB = "inference.sam3.segment.video.v1"
 

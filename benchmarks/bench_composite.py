@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import table  # noqa: E402
 from serve_app.video.composite import render_mask, render_overlay  # noqa: E402
-from benchmarks.common import blobs  # noqa: E402
+from testkit.video import blobs  # noqa: E402
 
 
 def per_frame_ms(fn, repeats: int) -> tuple[float, float]:

@@ -29,7 +29,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import CLIP_FPS, shapes_clip, BENCH_DIR, Timing, table, timed  # noqa: E402
-from serve_app import synthetic  # noqa: E402
+from testkit.net import free_port  # noqa: E402
+from testkit.video import masks, truth_iou  # noqa: E402
 from serve_app.contract import JobConfig  # noqa: E402
 
 FPS = CLIP_FPS
@@ -62,30 +63,6 @@ def big_clip(target_bytes: int) -> Path:
     assert tmp.stat().st_size < target_bytes
     tmp.replace(path)
     return path
-
-
-def masks(mp4: bytes) -> list:
-    import io
-
-    import av
-
-    with av.open(io.BytesIO(mp4)) as c:
-        return [(f.to_ndarray(format="gray") >= 128) for f in c.decode(video=0)]
-
-
-def mask_iou(got: list, colour: str, width: int, height: int) -> float:
-    import numpy as np
-
-    n, worst = len(got), 1.0
-    for i, m in enumerate(got):
-        want = np.zeros((height, width), bool)
-        for k, t in synthetic.truth(i, n, width, height).items():
-            shape = synthetic.DEFAULT_SHAPES[k]
-            if shape.color == colour and shape.saturation >= 0.5:
-                want |= t
-        union = np.count_nonzero(m | want)
-        worst = min(worst, np.count_nonzero(m & want) / union if union else 1.0)
-    return worst
 
 
 def start_graph(port: int):
@@ -131,7 +108,7 @@ def speed(base: str, clip_path: Path, seconds: int, repeats: int) -> None:
             assert r.status_code == 200, r.text
             reference[prompt] = masks(r.content)
             assert len(reference[prompt]) == frames
-            assert mask_iou(reference[prompt], prompt, width, height) > 0.9, prompt
+            assert truth_iou(reference[prompt], {prompt}, width, height) > 0.9, prompt
 
     for clients in (1, 2, 4):
         per_client = repeats if clients == 1 else max(2, repeats // 2)
@@ -287,7 +264,7 @@ def main() -> None:
     ap.add_argument("--only", choices=["speed", "memory", "flow"])
     args = ap.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    # The flow figures use the scripted tracker of tests/doubles.py, imported by the replicas.
+    # The replicas import serve_app from this checkout.
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent),
                                                              os.environ.get("PYTHONPATH")]))
     repeats = 2 if args.quick else 5
@@ -295,9 +272,7 @@ def main() -> None:
           "taken within this run)", flush=True)
     seconds = 3 if args.quick else 10
     clip = shapes_clip(1280, 720, seconds)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     print(f"graph started in {start_graph(port):.1f} s", flush=True)
     base = f"http://127.0.0.1:{port}"
     try:

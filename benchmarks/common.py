@@ -125,39 +125,6 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def blobs(height: int, width: int, n: int, seed: int = 0, ids=None):
-    """Detections of n overlapping elliptical objects, boxes derived from their masks as SAM 3
-    derives them, random scores: compositing input without a tracker."""
-    from serve_app.media import Detections
-
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:height, :width]
-    masks, boxes = [], []
-    for _ in range(n):
-        cy, cx = rng.uniform(0.2, 0.8) * height, rng.uniform(0.2, 0.8) * width
-        ry, rx = rng.uniform(0.08, 0.3) * height, rng.uniform(0.08, 0.3) * width
-        m = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
-        r, c = np.nonzero(m)
-        boxes.append([c.min() / width, r.min() / height, (c.max() - c.min()) / width, (r.max() - r.min()) / height])
-        masks.append(m)
-    ids = np.arange(n, dtype=np.int64) if ids is None else np.asarray(ids, np.int64)
-    return Detections(
-        frame_index=0,
-        obj_ids=ids,
-        scores=rng.uniform(0.3, 1.0, n).astype(np.float32),
-        boxes_xywh=np.asarray(boxes, np.float32),
-        masks=np.stack(masks),
-    )
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def synthetic_chunks(width: int, height: int, n: int, pool: int = 30, chunk: int = 16):
     """(VideoInfo, chunks) of n frames of moving shapes at width x height, 30 fps, cycling `pool`
     rendered frames (one still frame if 1). Rendering is done here, untimed; each chunk is

@@ -10,7 +10,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.serving import free_port
+from testkit.net import free_port
 
 
 @dataclass

@@ -8,7 +8,6 @@ in AppArgs) so the session ends in seconds.
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -17,7 +16,8 @@ from email.policy import HTTP
 from pathlib import Path
 from typing import Any
 
-from tests.doubles import SCRIPTED_TRACKER
+from testkit.doubles import SCRIPTED_TRACKER
+from testkit.net import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -26,12 +26,6 @@ TEST_APP_ARGS: dict[str, Any] = {
     "tracker": SCRIPTED_TRACKER,
     "graceful_shutdown_timeout_s": 0.5, "tracker_drain_timeout_s": 0.5,
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

@@ -93,7 +93,7 @@ HOSTILE_TIMEOUT_S = 4
 @pytest.fixture(scope="session")
 def hostile(cluster) -> str:
     from tests.conftest import SHAPES_H, SHAPES_N, SHAPES_W
-    from tests.doubles import SCRIPTED_TRACKER
+    from testkit.doubles import SCRIPTED_TRACKER
 
     return cluster.deploy("hostile", "/hostile", **{
         "upload_idle_s": HOSTILE_IDLE_S, "upload_min_bytes_per_s": 64 * 1024, "job_timeout_s": HOSTILE_TIMEOUT_S,
@@ -109,7 +109,7 @@ def hostile(cluster) -> str:
 # as SAM 3 is (a frame_delay_s puts the stand-in there: so a job that did not free the tracker
 # would hold the next one back), and a runner declared dead after 3 s of silence.
 JOBS_STALE_S = 3
-JOBS_ARGS = {"tracker": {"kind": "import", "path": "tests.doubles:ScriptedTracker",
+JOBS_ARGS = {"tracker": {"kind": "import", "path": "testkit.doubles:ScriptedTracker",
                          "options": {"delay_s": 0.2, "frame_delay_s": 0.001}},
              "tracker_max_ongoing_requests": 1, "job_stale_s": JOBS_STALE_S}
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from serve_app.client import multipart_job
-from tests.checks import read_video
+from testkit.video import masks
 from tests.conftest import SHAPES_N, TEST_TOKEN
 from tests.e2e.conftest import JOBS_ARGS, JOBS_STALE_S
 
@@ -33,10 +33,6 @@ def wait(base: str, job_id: str, until=("processed", "failed"), timeout_s: float
             return job
         time.sleep(0.2)
     raise AssertionError(f"job {job_id} did not reach {until} in {timeout_s} s: {job}")
-
-
-def masks(mp4: bytes) -> list[np.ndarray]:
-    return [frame >= 128 for frame in read_video(mp4).frames]
 
 
 def sync_answer(base: str, clip: bytes, prompt: str) -> bytes:

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.checks import read_video
+from testkit.video import read_video
 from tests.conftest import SHAPES_N
 from tests.e2e.conftest import HOSTILE_IDLE_S, HOSTILE_TIMEOUT_S
 from tests.e2e.test_reliability import read_answer

@@ -6,7 +6,7 @@ import re
 import httpx
 import pytest
 
-from tests.checks import mask_iou, read_video
+from testkit.video import mask_iou, read_video
 from tests.conftest import SHAPES_FPS, SHAPES_H, SHAPES_N, SHAPES_W, TEST_TOKEN
 from tests.serving import parse_multipart, wait_until
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from serve_app.client import multipart_job as _multipart
-from tests.checks import mask_iou, read_video
+from testkit.video import mask_iou, masks
 from tests.conftest import SHAPES_FPS, SHAPES_H, SHAPES_N, SHAPES_W, TEST_TOKEN
 from tests.corpus import NAMES
 from tests.e2e.conftest import STRICT_MAX_BYTES
@@ -192,9 +192,6 @@ def test_concurrent_jobs_never_mix_outputs(graph, shapes, tmp_path):
         r = segment(graph, clip.read_bytes(), prompt)
         assert r.status_code == 200, r.text
         return r.content
-
-    def masks(mp4: bytes) -> list:
-        return [frame >= 128 for frame in read_video(mp4).frames]
 
     alone = [run(job) for job in jobs]  # each job's answer with nothing else running
     for (clip, prompt), mp4 in zip(jobs[:3], alone):  # which is right

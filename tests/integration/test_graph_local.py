@@ -9,7 +9,7 @@ from serve_app.app import build_app
 from serve_app.contract import JobConfig
 from serve_app.errors import InvalidJob, ServiceError
 from serve_app.graph.wire import SegmentResult
-from tests.checks import expected_mask, mask_iou, read_video
+from testkit.video import expected_mask, mask_iou, read_video
 from tests.conftest import SHAPES_FPS, SHAPES_H, SHAPES_N, SHAPES_W
 
 

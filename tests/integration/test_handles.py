@@ -8,7 +8,7 @@ import pytest
 
 from serve_app.app import APP_NAME
 from serve_app.errors import InvalidJob, ServiceError, UnsupportedMedia
-from tests.checks import mask_iou
+from testkit.video import mask_iou
 from tests.conftest import SHAPES_FPS, SHAPES_H, SHAPES_N, SHAPES_W
 
 

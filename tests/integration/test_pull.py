@@ -7,8 +7,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from tests.checks import read_video
-from tests.doubles import SCRIPTED_TRACKER
+from testkit.video import masks
+from testkit.doubles import SCRIPTED_TRACKER
 
 W, H, N, FPS = 256, 144, 120, 30
 CHUNK, AHEAD = 4, 1
@@ -35,15 +35,11 @@ def clip(tmp_path_factory):
     return path
 
 
-def masks(mp4: bytes) -> list[np.ndarray]:
-    return [frame >= 128 for frame in read_video(mp4).frames]
-
-
 def same_as_in_process(mp4: bytes, clip, prompt: str, tmp_path) -> bool:
     """The graph's masks equal serve_app.pipeline.run_local's on the same clip and prompt."""
     from serve_app.contract import JobConfig
     from serve_app.pipeline import run_local
-    from tests.doubles import ScriptedTracker
+    from testkit.doubles import ScriptedTracker
 
     out = tmp_path / f"{prompt}.mp4"
     run_local(clip, out, JobConfig(prompt=prompt.replace("slow", "")), ScriptedTracker())

@@ -4,7 +4,7 @@ import pytest
 from serve_app.video.composite import Compositor, render_mask, render_overlay
 from serve_app.video.palette import COLORS
 from serve_app.media import Detections
-from benchmarks.common import blobs
+from testkit.video import blobs
 
 
 def sam3_render(frame, dets, alpha):

@@ -8,7 +8,7 @@ from serve_app.app import AppArgs
 from serve_app.trackers import Tracker, tracker_config
 from serve_app.trackers.fake import ColorShapeTracker, FakeConfig
 from serve_app.trackers.sam3.config import Sam3Config
-from tests.doubles import SCRIPTED_TRACKER, ScriptedTracker
+from testkit.doubles import SCRIPTED_TRACKER, ScriptedTracker
 
 
 def test_a_name_stands_for_its_config_with_defaults_everywhere():

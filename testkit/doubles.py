@@ -16,7 +16,7 @@ from serve_app.errors import UnsupportedMedia
 from serve_app.trackers.fake import ColorShapeTracker, FakeConfig
 from serve_app.media import Detections, FrameChunk, VideoInfo
 
-SCRIPTED_TRACKER = "tests.doubles:ScriptedTracker"
+SCRIPTED_TRACKER = "testkit.doubles:ScriptedTracker"
 
 
 class ScriptedTracker(ColorShapeTracker):
