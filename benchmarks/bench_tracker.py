@@ -65,7 +65,7 @@ def run(tracker, width: int, height: int, n: int, objects: int) -> dict:
 
 def build(device: str, compile: bool, warm_sizes, random_weights: bool, objects: int):
     from serve_app.trackers.sam3.config import Sam3Config
-    from benchmarks.instrumented import InstrumentedSam3Tracker
+    from testkit.sam3 import InstrumentedSam3Tracker
 
     start = time.perf_counter()
     config = Sam3Config(device=device, compile=compile, warm_sizes=warm_sizes, warm_up=compile, max_objects=objects,

@@ -90,7 +90,7 @@ def synchronize() -> None:
 def run_check(args) -> dict:
     import torch
 
-    from benchmarks.instrumented import InstrumentedSam3Tracker
+    from testkit.sam3 import InstrumentedSam3Tracker
     from serve_app.trackers.sam3.config import Sam3Config
 
     plan = Plan(args)
@@ -257,7 +257,7 @@ def _cpu_predictor(checkpoint: Path):
     from sam3.model.sam3_video_predictor import Sam3VideoPredictor
     from sam3.model_builder import build_sam3_video_model
 
-    from benchmarks.instrumented import _memoize_detector
+    from testkit.sam3 import memoize_detector
     from serve_app.trackers.sam3 import compat
     from serve_app.trackers.sam3.loading import bpe_path
 
@@ -265,7 +265,7 @@ def _cpu_predictor(checkpoint: Path):
         model = build_sam3_video_model(checkpoint_path=str(checkpoint), load_from_HF=False, bpe_path=bpe_path(),
                                        device="cpu").eval()
     memo = type("Memo", (), {"detector_passes": 0, "detector_log": {}})()
-    _memoize_detector(model, memo)
+    memoize_detector(model, memo)
     predictor = Sam3VideoPredictor.__new__(Sam3VideoPredictor)
     predictor.model, predictor.async_loading_frames, predictor.video_loader_type = model, False, "cv2"
     predictor._get_session_stats = predictor._get_torch_and_gpu_properties = lambda: "(cpu)"

@@ -121,7 +121,7 @@ def test_compile_without_cuda_is_refused_before_building():
     if torch.cuda.is_available():
         pytest.skip("CUDA is present")
     from serve_app.trackers.sam3.config import Sam3Config
-    from benchmarks.instrumented import InstrumentedSam3Tracker
+    from testkit.sam3 import InstrumentedSam3Tracker
 
     with pytest.raises(ModelUnavailable, match="compile=True needs CUDA"):
         InstrumentedSam3Tracker(Sam3Config(device="cpu", compile=True), random_weights=True)

@@ -9,7 +9,7 @@ removes unmatched ones during hotstart and starts new ones, as in a busy scene. 
 - the detector and the text encoder are memoized by the frame's pixels and the prompt (exact:
   one prompt, clips cycling two distinct frames, so the whole module costs two detector
   passes), and the tracker's memory attention keeps 1 of its 4 layers
-  (benchmarks/instrumented.py);
+  (testkit/sam3.py);
 - the memory window is 3 frames and SAM 3's hotstart 2 frames (outputs lag 1 frame), so "past
   the window" is a few frames; NMS is off (it compares every proposal pair at full mask size);
 - the tracker's object-count-dependent parts (memory encoder, memory attention, mask decoder)
@@ -52,7 +52,7 @@ DISTINCT = np.stack(list(S.frames(2, W, H)))  # frame 0 is also the warm-up's st
 def tracker():
     from torch._dynamo.testing import CompileCounter
 
-    from benchmarks.instrumented import InstrumentedSam3Tracker
+    from testkit.sam3 import InstrumentedSam3Tracker
     from serve_app.trackers.sam3.config import Sam3Config
 
     torch.manual_seed(0)  # random weights, but the same ones every run
@@ -321,7 +321,7 @@ def test_a_decoder_that_ends_early_is_a_model_error(tracker):
 def test_compiled_on_cuda_no_recompiles_and_flat_gpu_memory():
     """On a GPU (inductor, CUDA graphs): warm-up compiles every bucket, a job with an unwarmed
     object count compiles nothing, and GPU memory does not grow with length."""
-    from benchmarks.instrumented import InstrumentedSam3Tracker
+    from testkit.sam3 import InstrumentedSam3Tracker
     from serve_app.trackers.sam3.config import Sam3Config
 
     torch.manual_seed(0)

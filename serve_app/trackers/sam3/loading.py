@@ -34,7 +34,7 @@ NO_WEIGHTS = (
 @dataclass(frozen=True)
 class WeightsSource:
     """A local checkpoint (`path`), the hub (`hub_token`), or neither (`random`: tests and
-    benchmarks, through benchmarks/instrumented.py)."""
+    benchmarks, through testkit/sam3.py)."""
 
     path: str | None = None
     hub_token: str | None = None

@@ -31,7 +31,7 @@ def forced_objects(count: int) -> dict[str, Any]:
 class Sam3Tracker:
     """SAM 3 (PyPI sam3 0.1.4) turning decoded frames and a text prompt into detections,
     configured by a Sam3Config (trackers/sam3/config.py); `weights` overrides where the
-    weights come from (tests and benchmarks build random ones: benchmarks/instrumented.py).
+    weights come from (tests and benchmarks build random ones: testkit/sam3.py).
 
     Output: one Detections per frame, in order, lagging the input by SAM 3's hotstart delay
     (15 frames). `scores` are SAM 3's `out_probs`: the detector's score for the object on the
@@ -147,10 +147,10 @@ class Sam3Tracker:
                          stats["tracked"], stats["dropped"])
 
     def _on_build(self, model) -> None:
-        """Called on the model thread once the model is built (benchmarks/instrumented.py hooks in)."""
+        """Called on the model thread once the model is built (testkit/sam3.py hooks in)."""
 
     def _after_frame(self, session, outputs: dict) -> None:
-        """Called on the model thread after each emitted frame (benchmarks/instrumented.py records)."""
+        """Called on the model thread after each emitted frame (testkit/sam3.py records)."""
 
     # -- lifecycle --------------------------------------------------------------------------
     def warm_up(self, sizes: Sequence[tuple[int, int]] | None = None) -> dict[str, float]:

@@ -84,7 +84,7 @@ class InstrumentedSam3Tracker(Sam3Tracker):
 
     def _on_build(self, model) -> None:
         if self.memo_detector:
-            _memoize_detector(model, self)
+            memoize_detector(model, self)
         if self.record_tracker:
             _record_tracker(model, self)
         if self.spread_scores:
@@ -142,7 +142,7 @@ def _digest(tensor) -> str:
     return hashlib.sha1(tensor.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()
 
 
-def _memoize_detector(model, owner: InstrumentedSam3Tracker) -> None:
+def memoize_detector(model, owner: InstrumentedSam3Tracker) -> None:
     """Memoize `detector.forward_grounding` (one frame through the detector) by the frame's
     pixels and the prompt's text features, keeping only what sam3 reads of its output
     (sam3_image.py:820-866), cloned, so no session's state is held."""
