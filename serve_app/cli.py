@@ -62,9 +62,11 @@ def _config(args: argparse.Namespace) -> JobConfig:
 
 
 def _app_args(args: argparse.Namespace, joining: bool) -> dict[str, Any]:
+    from serve_app.trackers import preflight
+
     tracker = _tracker(args)
     if not joining:
-        tracker.preflight()  # the replicas start on this machine: fail here, in one line
+        preflight(tracker)  # the replicas start on this machine: fail here, in one line
     app: dict[str, Any] = {"tracker": tracker.model_dump()}
     if not joining and tracker.num_gpus and not _has_cuda():
         app["tracker_num_gpus"] = 0  # the tracker runs on this machine's CPU
@@ -93,12 +95,13 @@ def _segment(args: argparse.Namespace) -> None:
     config = _config(args)
     if args.local:
         from serve_app.pipeline import run_local
+        from serve_app.trackers import build, preflight
 
         tracker = _tracker(args)
-        tracker.preflight()
+        preflight(tracker)
         objects = _objects_path(args.output) if "objects" in config.outputs else None
         with tqdm(unit="frame", desc="segment", disable=args.quiet) as bar:
-            timings = run_local(args.input, args.output, config, tracker.build(), objects_path=objects,
+            timings = run_local(args.input, args.output, config, build(tracker), objects_path=objects,
                                 progress=lambda done, total: _advance(bar, done, total))
         return _done(args, _summary(timings))
     from serve_app import client

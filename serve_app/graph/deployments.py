@@ -24,7 +24,7 @@ from serve_app.graph.pull import OpenReaders, RemoteDecoder, _node_id
 from serve_app.graph.wire import SPOOL_PREFIX, JobProgress, PulledChunk, SegmentResult, VideoRef, spooled
 from serve_app.media import VideoInfo
 from serve_app.pipeline import DEFAULT_PRESETS, Deadline, FrameBuffer, LocalFrames, TrackedBatch, track, write
-from serve_app.trackers import TrackerConfig
+from serve_app.trackers import TrackerConfig, build as build_tracker
 
 
 def give_back_memory() -> None:
@@ -129,7 +129,7 @@ class TrackerDeployment:
 
     def __init__(self, decoder: RemoteDecoder, tracker: TrackerConfig) -> None:
         # The replica reports ready (and takes requests) only once the model is built and warm.
-        self.tracker = tracker.build()
+        self.tracker = build_tracker(tracker)
         self.decoder = decoder
         decoder.prefer_local()
 

@@ -1,6 +1,7 @@
 """Trackers turn decoded frames plus a text prompt into per-frame detections.
 
-Each tracker has a typed config, chosen by `kind`, that validates its fields and builds it:
+Each tracker has a typed config, chosen by `kind`, that validates its fields; `build(config)`
+builds the tracker it describes:
 
     {"kind": "sam3", "device": "cuda"}                   SAM 3 (trackers/sam3)
     {"kind": "fake"}                                      the stand-in test double (trackers/fake.py)
@@ -20,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 from serve_app.contract import JobConfig
 from serve_app.media import Detections, FrameChunk, VideoInfo
-from serve_app.trackers.fake import FakeConfig
+from serve_app.trackers.fake import ColorShapeTracker, FakeConfig
 from serve_app.trackers.sam3.config import Sam3Config
 
 
@@ -47,20 +48,34 @@ class ImportConfig(BaseModel):
     options: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments of its constructor.")
     num_gpus: float = Field(0.0, ge=0, description="GPUs a replica of it needs.")
 
-    def build(self) -> Tracker:
-        module_name, _, attr = self.path.partition(":")
-        tracker = getattr(importlib.import_module(module_name), attr)(**self.options)
-        if not isinstance(tracker, Tracker):
-            raise TypeError(f"{self.path} has no track(chunks, info, config) method")
-        return tracker
 
-    def preflight(self) -> None:
-        """Nothing to check before building."""
-
-
-TrackerConfig = Annotated[Union[Sam3Config, FakeConfig, ImportConfig], Field(discriminator="kind")]
-KINDS = ("sam3", "fake", "import")
+_CONFIGS = (Sam3Config, FakeConfig, ImportConfig)
+TrackerConfig = Annotated[Union[_CONFIGS], Field(discriminator="kind")]
+KINDS = tuple(c.model_fields["kind"].default for c in _CONFIGS)
 _ADAPTER: TypeAdapter = TypeAdapter(TrackerConfig)
+
+
+def build(config: TrackerConfig) -> Tracker:
+    """The tracker `config` describes (SAM 3 loads, compiles and warms its model here)."""
+    if isinstance(config, Sam3Config):
+        from serve_app.trackers.sam3.tracker import Sam3Tracker
+
+        return Sam3Tracker(config)
+    if isinstance(config, FakeConfig):
+        return ColorShapeTracker(config)
+    module_name, _, attr = config.path.partition(":")
+    tracker = getattr(importlib.import_module(module_name), attr)(**config.options)
+    if not isinstance(tracker, Tracker):
+        raise TypeError(f"{config.path} has no track(chunks, info, config) method")
+    return tracker
+
+
+def preflight(config: TrackerConfig) -> None:
+    """Fail now, with one line, where building would fail in a replica: SAM 3 without weights."""
+    if isinstance(config, Sam3Config):
+        from serve_app.trackers.sam3.loading import resolve_weights
+
+        resolve_weights(config.checkpoint)
 
 
 def tracker_config(value: str | dict | BaseModel, **fields: Any) -> TrackerConfig:

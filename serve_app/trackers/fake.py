@@ -50,12 +50,6 @@ class FakeConfig(BaseModel):
     max_sessions: int | None = Field(None, ge=1, le=64, description="Jobs interleaved frame by frame on its one "
                                      "thread; default: the tracker deployment's max_ongoing_requests (1 outside Serve).")
 
-    def build(self) -> "ColorShapeTracker":
-        return ColorShapeTracker(self)
-
-    def preflight(self) -> None:
-        """Nothing to check before building."""
-
 
 class ColorShapeTracker:
     def __init__(self, config: FakeConfig = FakeConfig()) -> None:

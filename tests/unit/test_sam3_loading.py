@@ -105,15 +105,15 @@ def test_device_defaults_to_what_is_present_and_refuses_what_is_not():
 
 
 def test_the_tracker_fails_at_construction_and_in_preflight_without_weights(monkeypatch):
-    from serve_app.trackers import tracker_config
+    from serve_app.trackers import build, preflight, tracker_config
 
     for name in ("SAM3_CHECKPOINT", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
         monkeypatch.delenv(name, raising=False)
     config = tracker_config("sam3")
     with pytest.raises(ModelUnavailable, match="SAM3_CHECKPOINT.*HF_TOKEN"):
-        config.preflight()
+        preflight(config)
     with pytest.raises(ModelUnavailable, match="SAM3_CHECKPOINT.*HF_TOKEN"):
-        config.build()
+        build(config)
 
 
 def test_compile_without_cuda_is_refused_before_building():

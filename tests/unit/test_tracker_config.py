@@ -1,14 +1,18 @@
-"""A tracker is a typed config chosen by `kind`; its names work the same in the app's args,
-`serve run ... tracker=...` and the CLI."""
+"""A tracker is a typed config chosen by `kind`, built by `trackers.build`; its names work the
+same in the app's args, `serve run ... tracker=...` and the CLI."""
 
 import pytest
 from pydantic import ValidationError
 
 from serve_app.app import AppArgs
-from serve_app.trackers import Tracker, tracker_config
+from serve_app.trackers import KINDS, Tracker, build, tracker_config
 from serve_app.trackers.fake import ColorShapeTracker, FakeConfig
 from serve_app.trackers.sam3.config import Sam3Config
 from testkit.doubles import SCRIPTED_TRACKER, ScriptedTracker
+
+
+def test_the_kinds_are_the_configs_in_the_union():
+    assert all(tracker_config(kind if kind != "import" else "pkg.mod:Name").kind == kind for kind in KINDS)
 
 
 def test_a_name_stands_for_its_config_with_defaults_everywhere():
@@ -19,9 +23,9 @@ def test_a_name_stands_for_its_config_with_defaults_everywhere():
 
 
 def test_each_kind_builds_its_tracker_with_its_fields():
-    fake = tracker_config("fake", min_area=10).build()
+    fake = build(tracker_config("fake", min_area=10))
     assert isinstance(fake, ColorShapeTracker) and isinstance(fake, Tracker) and fake.config.min_area == 10
-    scripted = tracker_config(SCRIPTED_TRACKER, delay_s=0.25).build()
+    scripted = build(tracker_config(SCRIPTED_TRACKER, delay_s=0.25))
     assert isinstance(scripted, ScriptedTracker) and scripted.delay_s == 0.25
 
 
@@ -46,4 +50,4 @@ def test_gpus_follow_the_tracker_unless_set():
 
 def test_a_class_that_is_not_a_tracker_is_refused_when_built():
     with pytest.raises(TypeError, match="no track"):
-        tracker_config("serve_app.trackers.fake:FakeConfig").build()
+        build(tracker_config("serve_app.trackers.fake:FakeConfig"))

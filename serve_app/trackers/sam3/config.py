@@ -58,14 +58,3 @@ class Sam3Config(BaseModel):
     @property
     def all_warm_sizes(self) -> tuple[tuple[int, int], ...]:
         return tuple(dict.fromkeys([*DEFAULT_WARM_SIZES, *map(tuple, self.warm_sizes)]))
-
-    def preflight(self) -> None:
-        """Fail now, with one line, where building would fail in a replica: no weights."""
-        from serve_app.trackers.sam3.loading import resolve_weights
-
-        resolve_weights(self.checkpoint)
-
-    def build(self):
-        from serve_app.trackers.sam3.tracker import Sam3Tracker
-
-        return Sam3Tracker(self)
