@@ -27,7 +27,7 @@ JOB = "inference.sam3.segment.video.v1"
 def main() -> None:
     import httpx
 
-    from serve_app import client
+    from serve_app.app import start_app
     from serve_app.client import multipart_job
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -37,10 +37,10 @@ def main() -> None:
     seconds, repeats = (3, 3) if args.quick else (10, 5)
     clip = shapes_clip(1280, 720, seconds).read_bytes()
     port = free_port()
-    client.start_graph({"tracker": {"kind": "fake", "frame_delay_s": args.frame_ms / 1e3},
-                        "job_store": tempfile.mkdtemp(prefix="bench-jobs-"), "graceful_shutdown_timeout_s": 0.5,
-                        "tracker_drain_timeout_s": 0.5},
-                       http=("127.0.0.1", port))
+    start_app({"tracker": {"kind": "fake", "frame_delay_s": args.frame_ms / 1e3},
+               "job_store": tempfile.mkdtemp(prefix="bench-jobs-"), "graceful_shutdown_timeout_s": 0.5,
+               "tracker_drain_timeout_s": 0.5},
+              http=("127.0.0.1", port))
     base = f"http://127.0.0.1:{port}"
     body, ctype = multipart_job({"type": JOB, "config": {"prompt": "red blue"}}, clip)
     headers = {"Content-Type": ctype, "Accept": "video/mp4"}

@@ -66,11 +66,11 @@ def big_clip(target_bytes: int) -> Path:
 
 
 def start_graph(port: int):
-    from serve_app import client
+    from serve_app.app import start_app
 
     t = time.perf_counter()
-    client.start_graph({"tracker": "fake", "graceful_shutdown_timeout_s": 0.5, "tracker_drain_timeout_s": 0.5},
-                       http=("127.0.0.1", port))
+    start_app({"tracker": "fake", "graceful_shutdown_timeout_s": 0.5, "tracker_drain_timeout_s": 0.5},
+              http=("127.0.0.1", port))
     return time.perf_counter() - t
 
 

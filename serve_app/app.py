@@ -1,4 +1,5 @@
-"""The one place the graph is bound: `build_app(args) -> Application`.
+"""The one place the graph is bound: `build_app(args) -> Application`; `start_app` runs it on an
+embedded or joined Ray (the CLI, benchmarks).
 
     serve run serve_app.app:build_app tracker=fake
     serve deploy serve_config.yaml          # args: as below, validated by AppArgs
@@ -13,11 +14,13 @@ consumer of each stream holds its producer's handle (docs/design.md).
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from serve_app.contract import Limits
+from serve_app.errors import ModelUnavailable
 from serve_app.trackers import TrackerConfig, tracker_config
 
 APP_NAME = "sam3-video"
@@ -163,3 +166,27 @@ def _with_sessions(a: AppArgs) -> TrackerConfig:
     if "max_sessions" in type(tracker).model_fields and tracker.max_sessions is None:
         tracker = tracker.model_copy(update={"max_sessions": a.tracker_max_ongoing_requests})
     return tracker
+
+
+def start_app(app_args: dict[str, Any], address: str | None = None, http: tuple[str, int] | None = None):
+    """Start (or join, with `address`) Ray and run the app; returns its handle. A graph that
+    fails to start raises ModelUnavailable with the cause's last line."""
+    import ray
+    from ray import serve
+
+    from serve_app.api.proxy import install_env
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    install_env()  # the HTTP proxy's body cap; only proxies started after this load it
+    if not ray.is_initialized():
+        if address:
+            ray.init(address=address)
+        else:
+            ray.init(include_dashboard=False, log_to_driver=False)
+    if http is not None:
+        serve.start(http_options={"host": http[0], "port": http[1]})
+    try:
+        return serve.run(build_app(app_args), name=APP_NAME, route_prefix="/" if http else None)
+    except RuntimeError as exc:  # Serve's "Deploying application ... failed", a traceback inside
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        raise ModelUnavailable(f"the graph did not start: {lines[-1] if lines else exc}") from None

@@ -1,48 +1,21 @@
-"""The CLI's two ways of reaching the graph: an embedded local Ray, or a running service's URL."""
+"""A running service's client, through its URL: what `sam3-video segment --url` uses."""
 
 from __future__ import annotations
 
 import contextlib
 import json
-import os
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
-from typing import Any
 
 from serve_app.contract import JOB_TYPE, JobConfig
-from serve_app.errors import JobTimeout, ModelUnavailable, ServiceError, error_from_code
-
-
-def start_graph(app_args: dict[str, Any], address: str | None = None, http: tuple[str, int] | None = None):
-    """Start (or join, with `address`) Ray and run the app; returns its handle. A graph that
-    fails to start raises ModelUnavailable with the cause's last line."""
-    import ray
-    from ray import serve
-
-    from serve_app.api.proxy import install_env
-    from serve_app.app import APP_NAME, build_app
-
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    install_env()  # the HTTP proxy's body cap; only proxies started after this load it
-    if not ray.is_initialized():
-        if address:
-            ray.init(address=address)
-        else:
-            ray.init(include_dashboard=False, log_to_driver=False)
-    if http is not None:
-        serve.start(http_options={"host": http[0], "port": http[1]})
-    try:
-        return serve.run(build_app(app_args), name=APP_NAME, route_prefix="/" if http else None)
-    except RuntimeError as exc:  # Serve's "Deploying application ... failed", a traceback inside
-        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-        raise ModelUnavailable(f"the graph did not start: {lines[-1] if lines else exc}") from None
+from serve_app.errors import JobTimeout, ServiceError, error_from_code
 
 
 def multipart_job(job: dict, video: bytes) -> tuple[bytes, str]:
     """A /v2/job request body as the official client sends it: (body, Content-Type)."""
-    from serve_app.api.job import multipart_body
+    from serve_app.api.answers import multipart_body
 
     return multipart_body([("job", "job.json", "application/json", json.dumps(job).encode()),
                            ("input", "input.mp4", "video/mp4", video)])

@@ -44,6 +44,7 @@ def size(n: int) -> str:
 
 
 Mode = Literal["mask", "overlay"]
+EXTENSION = {"extension": True}
 
 
 class JobConfig(BaseModel):
@@ -60,10 +61,12 @@ class JobConfig(BaseModel):
     )
     mode: Mode = Field("mask", description="mask: white where any kept object is; overlay: drawn on the input.")
     alpha: float = Field(0.5, ge=0.0, le=1.0, strict=True, description="Mask opacity in overlay mode.")
-    # Extensions of the API we follow: echoed in the job JSON only when the client sent them.
-    max_objects: int = Field(16, ge=1, le=64, strict=True, description="Objects tracked at most (the highest-scoring).")
+    # Extensions of the API we follow (EXTENSION): echoed in the job JSON only when sent.
+    max_objects: int = Field(16, ge=1, le=64, strict=True, description="Objects tracked at most (the highest-scoring).",
+                             json_schema_extra=EXTENSION)
     outputs: list[Literal["video", "objects"]] = Field(
-        default_factory=lambda: ["video"], description='"video" (the mp4), and "objects" for objects.json.')
+        default_factory=lambda: ["video"], description='"video" (the mp4), and "objects" for objects.json.',
+        json_schema_extra=EXTENSION)
 
     @field_validator("prompt")
     @classmethod
@@ -85,7 +88,8 @@ class JobConfig(BaseModel):
 
     def echo(self) -> dict[str, Any]:
         """The config as the job JSON shows it: extension fields only when they were sent."""
-        return self.model_dump(exclude={"max_objects", "outputs"} - self.model_fields_set)
+        unsent = {name for name, f in type(self).model_fields.items() if f.json_schema_extra == EXTENSION}
+        return self.model_dump(exclude=unsent - self.model_fields_set)
 
 
 class Job(BaseModel):
@@ -97,8 +101,16 @@ class Job(BaseModel):
     config: JobConfig
 
 
-RANGES = {"confidence_threshold": "between 0.0 and 1.0", "alpha": "between 0.0 and 1.0",
-          "max_objects": "a whole number between 1 and 64"}
+def rule(name: str, typed: bool = False) -> str:
+    """What config field `name` must be, read from its declaration: "between 0.0 and 1.0" ("a
+    number between 0.0 and 1.0" `typed`), "a whole number between 1 and 64", "1 to 500 characters"."""
+    field = JobConfig.model_fields[name]
+    bound = {k: getattr(m, k) for m in field.metadata for k in ("ge", "le", "min_length", "max_length") if hasattr(m, k)}
+    if "max_length" in bound:
+        return f"{bound.get('min_length', 0)} to {bound['max_length']} characters"
+    kind = "a whole number" if field.annotation is int else "a number"
+    between = f"between {bound['ge']} and {bound['le']}" if {"ge", "le"} <= set(bound) else ""
+    return f"{kind} {between}".strip() if typed or field.annotation is int or not between else between
 
 
 def _describe(error: dict[str, Any], prefix: str) -> str:
@@ -106,18 +118,17 @@ def _describe(error: dict[str, Any], prefix: str) -> str:
     given = _Short(error.get("input"))
     kind = error["type"]
     ctx = error.get("ctx") or {}
+    field = str(error["loc"][0]) if error["loc"] else ""
     if kind == "missing":
         return f"{loc} is required"
     if kind == "extra_forbidden":
         return f"{loc} is not a known field"
     if kind in ("string_too_short", "string_too_long"):
-        return f"{loc} is {len(given.value)} characters; it must be 1 to 500 characters"
+        return f"{loc} is {len(given.value)} characters; it must be {rule(field)}"
     if kind == "float_type":
-        return f"{loc} is {given!r} ({type(given.value).__name__}); it must be a number between 0.0 and 1.0"
-    if kind == "int_from_float":
-        return f"{loc} is {given!r}; it must be a whole number between 1 and 64"
-    if kind in ("greater_than_equal", "less_than_equal", "int_type"):
-        return f"{loc} is {given!r}; it must be {RANGES.get(error['loc'][-1], 'in range')}"
+        return f"{loc} is {given!r} ({type(given.value).__name__}); it must be {rule(field, typed=True)}"
+    if kind in ("int_from_float", "greater_than_equal", "less_than_equal", "int_type"):
+        return f"{loc} is {given!r}; it must be {rule(field) if field in JobConfig.model_fields else 'in range'}"
     if kind == "literal_error":
         return f"{loc} is {given!r}; it must be one of {ctx.get('expected', '')}"
     if kind == "value_error":

@@ -113,6 +113,12 @@ class ModelUnavailable(ServiceError):
     code = "model_unavailable"
 
 
+class StoreUnavailable(ServiceError):
+    """The async jobs' database or file store cannot be used (a setting, a server, permissions)."""
+
+    code = "store_unavailable"
+
+
 # The one table from error type to HTTP status. Most specific class first; anything not listed
 # (and any non-ServiceError) is a 500 with the request id logged. Invalid config is 400, not
 # 422: the official client resends a 422 (docs/design.md, Errors on the wire).
@@ -129,6 +135,7 @@ HTTP_STATUS: tuple[tuple[type[ServiceError], int], ...] = (
     (Overloaded, 429),
     (ClientGone, 499),
     (ModelUnavailable, 503),
+    (StoreUnavailable, 503),
     (JobTimeout, 504),
     (ModelError, 500),
 )

@@ -1,4 +1,5 @@
-"""The values the stages pass each other: what the probe learnt, decoded frames, detections.
+"""The values the stages pass each other: what the probe learnt, decoded frames, detections, what
+each stage cost and when the job must end.
 
 Frames are RGB uint8 in *display* orientation: exactly what a player shows, rotation applied.
 The encoder turns them back to the input's coded orientation and writes the same rotation
@@ -7,10 +8,13 @@ metadata, so the output has the input's width, height and display matrix.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from fractions import Fraction
 
 import numpy as np
+
+from serve_app.errors import JobTimeout
 
 
 @dataclass(frozen=True)
@@ -101,3 +105,47 @@ class Detections:
         bits, shape = state.pop("masks")
         masks = np.unpackbits(bits, count=int(np.prod(shape))).astype(bool).reshape(shape)
         self.__dict__.update(state, masks=masks)
+
+
+STAGES = ("probe", "decode", "track", "composite", "encode", "total")
+CHUNK_BYTES = 64 << 20  # a chunk's decoded frames at most: 16 frames of 720p, 10 of 1080p, 2 of 4K
+
+
+def chunk_frames_for(info: VideoInfo, most: int = 16) -> int:
+    """Frames per chunk for this video: at most `most`, and no more than CHUNK_BYTES decoded."""
+    width, height = info.display_size
+    return max(1, min(most, CHUNK_BYTES // (width * height * 3)))
+
+
+@dataclass
+class StageTimings:
+    """Milliseconds each stage of one job spent working (not waiting), and how its frames were
+    pulled. Reported as x-<stage>-ms headers, metrics and the job's log line."""
+
+    probe_ms: float = 0.0
+    decode_ms: float = 0.0
+    track_ms: float = 0.0
+    composite_ms: float = 0.0
+    encode_ms: float = 0.0
+    total_ms: float = 0.0
+    decode_opens: int = 0           # times a decoder opened the video for this job (1 at best)
+    decode_wasted_frames: int = 0   # frames decoded for this job and never used
+    decode_lead_chunks: int = 0     # most chunks decoded ahead of the tracker at one time
+    decode_cross_node_bytes: int = 0  # decoded frames that reached the tracker from another node
+
+
+@dataclass(frozen=True)
+class Deadline:
+    """When a job must be done by (time.time()); every stage checks it between frames."""
+
+    at: float
+    seconds: float  # the job's allowance, for the message
+
+    def check(self, frame: int) -> None:
+        if time.time() > self.at:
+            raise self.passed(frame)
+
+    def passed(self, frame: int | None = None) -> JobTimeout:
+        where = "" if frame is None else f" at frame {frame}"
+        return JobTimeout(f"the job ran past its {self.seconds:g} s deadline{where} and was stopped; "
+                          "send a shorter video or try again later")

@@ -1,8 +1,9 @@
-"""The ingress: the one HTTP and handle entry point, and the job service behind both.
+"""The ingress: the one HTTP and handle entry point, and the job services behind both.
 
 `SegmentService` is what the ingress does for a job, without HTTP: auth, the replica's job
-slots, the probe, then the graph (the Encoder deployment, which pulls the rest). The routes
-(api/routes.py) and the handle API below both call it.
+slots, the probe, then the graph (the Encoder deployment, which pulls the rest). Async jobs are
+`AsyncJobs` (serve_app/jobs), which run through it. The routes (api/routes.py) and the handle
+API below call them.
 """
 
 from __future__ import annotations
@@ -12,25 +13,26 @@ import hmac
 import logging
 import os
 import re
-import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
-from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from ray import serve
 
-from serve_app.api.metrics import StageMetrics
+from serve_app.api.answers import async_job_json
 from serve_app.api.upload import Pace
 from serve_app.contract import JobConfig, Limits, parse_config, size
 from serve_app.errors import ModelError, Overloaded, ServiceError, Unauthorized, UploadTooLarge
-from serve_app.graph.wire import SPOOL_PREFIX, JobProgress, SegmentResult, VideoRef
-from serve_app.media import VideoInfo
-from serve_app.jobs.runner import JobRunner
+from serve_app.graph.wire import JobProgress, SegmentResult, VideoRef
+from serve_app.jobs.service import AsyncJobs
 from serve_app.jobs.store import JobStore
-from serve_app.pipeline import Deadline
+from serve_app.media import Deadline, VideoInfo
+from serve_app.metrics import StageMetrics
+from serve_app.spool import Spool
 
 log = logging.getLogger("ray.serve")
 
@@ -104,9 +106,6 @@ class SegmentService:
     uploads: Slots                  # bodies being received; a stalled one is dropped (pace)
     pace: Pace
     job_timeout_s: float
-    store: JobStore | None = None   # the async jobs' records and files
-    max_queued_jobs: int = 100
-    runner: Any = None              # the JobRunner claiming them in this replica
     metrics: StageMetrics = field(default_factory=StageMetrics)
 
     def check_auth(self, header: str | None) -> None:
@@ -132,9 +131,8 @@ class SegmentService:
         start = time.perf_counter()
         info = info or await self.probe(path)
         probe_ms = (time.perf_counter() - start) * 1e3
-        if video is None:
-            with open(path, "rb") as f:
-                video = VideoRef.put(f.read())
+        if video is None:  # up to 100 MB read and put: not on the event loop
+            video = await asyncio.to_thread(lambda: VideoRef.put(Path(path).read_bytes()))
         deadline = Deadline(time.time() + self.job_timeout_s, self.job_timeout_s)
         response = self.encoder.options(stream=True).segment.remote(video, info, config, deadline)
         try:
@@ -179,13 +177,9 @@ class SegmentService:
             data, ref = bytes(video), None
         if len(data) > self.limits.max_bytes:
             raise UploadTooLarge(f"upload is {size(len(data))}; the limit is {size(self.limits.max_bytes)}")
-        fd, path = tempfile.mkstemp(prefix=SPOOL_PREFIX, suffix=".mp4")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            yield path, ref  # None: run() puts the file once the probe accepts it
-        finally:
-            os.unlink(path)
+        with Spool() as spool:
+            await asyncio.to_thread(spool.write, data)
+            yield spool.done(), ref  # None: run() puts the file once the probe accepts it
 
     def finished(self, job_id: str, status: int, result: SegmentResult | None, exc: BaseException | None = None) -> None:
         """The job's one log line and its metrics."""
@@ -243,14 +237,19 @@ class IngressDeployment:
         self.service = SegmentService(
             encoder, s.limits, tokens, Slots(s.max_jobs, "jobs running", s.retry_after_s),
             Slots(s.max_uploads, "uploads arriving", s.retry_after_s, s.max_uploads_per_client), s.pace,
-            s.job_timeout_s, store, s.max_queued_jobs)
-        self.service.runner = JobRunner(store, self.service, stale_s=s.job_stale_s, ttl_s=s.job_ttl_s)
-        self._loop = asyncio.get_running_loop().create_task(self.service.runner.loop())
+            s.job_timeout_s)
+        self.jobs = AsyncJobs(store, self.service, max_queued=s.max_queued_jobs, stale_s=s.job_stale_s,
+                              ttl_s=s.job_ttl_s)
+        self.jobs.start()
+
+    async def __del__(self) -> None:
+        """Serve stops the replica: its async jobs go back to the queue for another runner."""
+        await self.jobs.stop()
 
     def __serve_build_asgi_app__(self):
         from serve_app.api.routes import make_app
 
-        return make_app(self.service)
+        return make_app(self.service, self.jobs)
 
     async def segment(self, video: Any, config: JobConfig | dict) -> bytes:
         """Segment one mp4 (its bytes, or an ObjectRef of them, which the stages read from the
@@ -269,19 +268,15 @@ class IngressDeployment:
 
     async def submit(self, video: Any, config: JobConfig | dict) -> str:
         """Queue an async job (as POST /v2/job/async); returns its id."""
-        from serve_app.api.async_jobs import submit_job
-
-        return await submit_job(self.service, video, config)
+        cfg = config if isinstance(config, JobConfig) else parse_config(config)
+        async with self.service.bytes_on_disk(video) as (path, _):
+            return (await self.jobs.enqueue(path, cfg)).id
 
     async def status(self, job_id: str) -> dict:
         """The async job's JSON (as GET /v2/job/async/{id}/job.json)."""
-        from serve_app.api.async_jobs import job_status
-
-        return await job_status(self.service, job_id)
+        return async_job_json(await self.jobs.get(job_id))
 
     async def result(self, job_id: str) -> dict[str, bytes]:
         """The finished job's files by name ({"output.mp4": ..., "objects.json": ...}); raises
         JobNotDone while it runs, and its own error type if it failed."""
-        from serve_app.api.async_jobs import job_result
-
-        return await job_result(self.service, job_id)
+        return await self.jobs.result(job_id)

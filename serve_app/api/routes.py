@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -22,35 +21,35 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, PlainTextResponse
 from starlette.routing import Route
 
-from serve_app.api import job as answers
-from serve_app.api.job import JobRecord
+from serve_app.api import answers, async_jobs
+from serve_app.api.answers import JobRecord
 from serve_app.api.proxy import REQUEST_ID
-from serve_app.api.upload import MULTIPART_SLACK, Upload, check_content_length, read_multipart, read_raw
-from serve_app.contract import JobConfig, parse_config, parse_job
+from serve_app.api.upload import MULTIPART_SLACK, Upload, read_multipart, read_raw, receive
+from serve_app.contract import JobConfig, parse_config, parse_job, rule
 from serve_app.errors import ClientGone, InvalidJob, MethodNotAllowed, NotFound, ServiceError, http_status
 
 log = logging.getLogger("ray.serve")
 
-_FLOATS = ("confidence_threshold", "alpha")
 PAGE = Path(__file__).with_name("page.html")
+FLOATS = {name for name, field in JobConfig.model_fields.items() if field.annotation is float}
 
 
-def make_app(service) -> Starlette:
-    """The ASGI app of one ingress replica, answering for `service` (a SegmentService)."""
-    from serve_app.api import async_jobs
-
+def make_app(service, jobs) -> Starlette:
+    """The ASGI app of one ingress replica, answering for `service` (api/ingress.SegmentService)
+    and `jobs` (jobs/service.AsyncJobs)."""
     app = Starlette(
         routes=[
             Route("/v2/job", post_job, methods=["POST"]),
             Route("/v2/segment", post_segment, methods=["POST"]),
-            *async_jobs.routes(),
+            *(Route("/v2/job/async" + path, job_route(endpoint), methods=[method])
+              for path, endpoint, method in async_jobs.ROUTES),
             Route("/healthz", health, methods=["GET"]),
             Route("/v2/health", health, methods=["GET"]),
             Route("/", page, methods=["GET"]),
         ],
         exception_handlers={ServiceError: render_error, HTTPException: render_error},
     )
-    app.state.service = service
+    app.state.service, app.state.jobs = service, jobs
     return app
 
 
@@ -96,40 +95,18 @@ def _echo(request: Request, job: JobRecord) -> dict[str, str]:
 @job_route
 async def post_job(request: Request, job: JobRecord):
     service = request.app.state.service
-    upload = await receive(request, read_multipart(request.stream(), request.headers.get("content-type", ""),
-                                                    service.limits.max_bytes, service.pace), MULTIPART_SLACK)
-    try:
+    with await receive(request, read_multipart(request.stream(), request.headers.get("content-type", ""),
+                                               service.limits.max_bytes, service.pace), MULTIPART_SLACK) as upload:
         job.config = parse_job(upload.job).config
         return await _run(request, job, upload)
-    finally:
-        os.unlink(upload.path)
 
 
 @job_route
 async def post_segment(request: Request, job: JobRecord):
     service = request.app.state.service
     job.config = _query_config(request.query_params)
-    upload = await receive(request, read_raw(request.stream(), service.limits.max_bytes, service.pace))
-    try:
+    with await receive(request, read_raw(request.stream(), service.limits.max_bytes, service.pace)) as upload:
         return await _run(request, job, upload)
-    finally:
-        os.unlink(upload.path)
-
-
-async def receive(request: Request, reading, slack: int = 0, wait: bool = False) -> Upload:
-    """The body, read under an upload slot. Refused before a byte is read when it is declared
-    too large or (unless the job will `wait` in the queue) when every job slot is taken by a
-    running job; a job slot is taken only once the body has arrived, so slow or idle uploads
-    never hold one."""
-    service = request.app.state.service
-    try:
-        check_content_length(request.headers.get("content-length"), service.limits.max_bytes, slack)
-        if not wait:
-            service.jobs.check()
-        with service.uploads.take(request.client.host if request.client else ""):
-            return await reading
-    finally:
-        reading.close()  # not awaited when refused first
 
 
 async def _run(request: Request, job: JobRecord, upload: Upload):
@@ -145,11 +122,11 @@ def _query_config(params) -> JobConfig:
     for key, value in params.multi_items():
         if key in raw:
             raise InvalidJob(f"config.{key[:60]} is given more than once in the query")
-        if key in _FLOATS:
+        if key in FLOATS:  # a query has only strings; the config's numbers are its own to judge
             try:
                 raw[key] = float(value)
             except ValueError:
-                raise InvalidJob(f"config.{key} is {value[:60]!r}; it must be a number between 0.0 and 1.0") from None
+                raise InvalidJob(f"config.{key} is {value[:60]!r}; it must be {rule(key, typed=True)}") from None
         else:
             raw[key] = value
     return parse_config(raw)

@@ -12,17 +12,17 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import tempfile
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+from starlette.requests import Request
+
 from serve_app.api.proxy import SLACK
 from serve_app.contract import size
 from serve_app.errors import InvalidJob, UploadTimeout, UploadTooLarge
-from serve_app.graph.wire import SPOOL_PREFIX
+from serve_app.spool import Spool
 
 JOB_PART_LIMIT = 64 * 1024
 MULTIPART_SLACK = SLACK      # part headers and the job JSON beside a video at the limit
@@ -33,8 +33,20 @@ MAX_PARTS = 8
 
 @dataclass
 class Upload:
-    path: str           # the video, on local disk; the caller removes it
+    """An arrived body: the video on local disk, removed on leaving the owner's `with` block."""
+
+    video: Spool
     job: Any = None     # the decoded `job` part (multipart only)
+
+    @property
+    def path(self) -> str:
+        return self.video.path
+
+    def __enter__(self) -> "Upload":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.video.remove()
 
 
 @dataclass(frozen=True)
@@ -76,45 +88,24 @@ def check_content_length(header: str | None, limit: int, slack: int = 0) -> None
         raise UploadTooLarge(f"upload is {size(int(header))}; the limit is {size(limit)}")
 
 
-class _Spool:
-    """The upload's bytes in a temporary file, counted against `limit` as they come. The file
-    is removed on leaving the block, whatever failed, unless `keep()` handed it over."""
-
-    def __init__(self, limit: int) -> None:
-        fd, self.path = tempfile.mkstemp(prefix=SPOOL_PREFIX, suffix=".mp4")
-        self.file, self.size, self.limit, self.kept = os.fdopen(fd, "wb"), 0, limit, False
-
-    def write(self, data: bytes) -> None:
-        self.size += len(data)
-        if self.size > self.limit:
-            raise _too_large(self.size, self.limit)
-        self.file.write(data)
-
-    def keep(self, job: Any = None) -> Upload:
-        self.kept = True
-        return Upload(path=self.path, job=job)
-
-    def __enter__(self) -> "_Spool":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.file.close()
-        if not self.kept:
-            os.unlink(self.path)
+def _write(video: Spool, data: bytes, limit: int) -> None:
+    video.write(data)
+    if video.size > limit:
+        raise _too_large(video.size, limit)
 
 
 async def read_raw(stream: AsyncIterator[bytes], limit: int, pace: Pace = Pace()) -> Upload:
-    with _Spool(limit) as video:
+    with Spool() as video:
         async for chunk in paced(stream, pace):
-            video.write(chunk)
-        return video.keep()
+            _write(video, chunk, limit)
+        return Upload(video.keep())
 
 
 class _Parts:
     """The multipart parser's callbacks: which part is being read, and its headers, bounded."""
 
-    def __init__(self, video: _Spool) -> None:
-        self.video, self.job, self.name, self.parts, self.inputs = video, bytearray(), "", 0, 0
+    def __init__(self, video: Spool, limit: int) -> None:
+        self.video, self.limit, self.job, self.name, self.parts, self.inputs = video, limit, bytearray(), "", 0, 0
         self.field, self.headers, self.header_bytes = b"", {}, 0
 
     def on_part_begin(self) -> None:
@@ -150,7 +141,7 @@ class _Parts:
 
     def on_part_data(self, data: bytes, start: int, end: int) -> None:
         if self.name == "input":
-            self.video.write(data[start:end])
+            _write(self.video, data[start:end], self.limit)
         elif self.name == "job":
             self.job.extend(data[start:end])
             if len(self.job) > JOB_PART_LIMIT:
@@ -167,8 +158,8 @@ async def read_multipart(stream: AsyncIterator[bytes], content_type: str, limit:
         raise InvalidJob("body must be multipart/form-data with a 'job' part and an 'input' part")
     if len(boundary) > MAX_BOUNDARY:
         raise InvalidJob(f"multipart boundary is {len(boundary)} characters; the limit is {MAX_BOUNDARY}")
-    with _Spool(limit) as video:
-        parts = _Parts(video)
+    with Spool() as video:
+        parts = _Parts(video, limit)
         names = ("part_begin", "header_field", "header_value", "header_end", "headers_finished", "part_data")
         parser = MultipartParser(boundary, {f"on_{n}": getattr(parts, f"on_{n}") for n in names})
         total = 0
@@ -191,4 +182,20 @@ async def read_multipart(stream: AsyncIterator[bytes], content_type: str, limit:
             raise InvalidJob("job part is nested too deeply to be a job") from None
         except (ValueError, UnicodeDecodeError) as exc:
             raise InvalidJob(f"job part is not valid JSON ({exc})") from None
-        return video.keep(job)
+        return Upload(video.keep(), job)
+
+
+async def receive(request: Request, reading, slack: int = 0, wait: bool = False) -> Upload:
+    """The body, read under an upload slot. Refused before a byte is read when it is declared
+    too large or (unless the job will `wait` in the queue) when every job slot is taken by a
+    running job; a job slot is taken only once the body has arrived, so slow or idle uploads
+    never hold one."""
+    service = request.app.state.service
+    try:
+        check_content_length(request.headers.get("content-length"), service.limits.max_bytes, slack)
+        if not wait:
+            service.jobs.check()
+        with service.uploads.take(request.client.host if request.client else ""):
+            return await reading
+    finally:
+        reading.close()  # not awaited when refused first

@@ -11,7 +11,6 @@ import contextlib
 import ctypes
 import functools
 import os
-import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -20,10 +19,11 @@ from typing import Any
 from ray import serve
 
 from serve_app.contract import JobConfig
-from serve_app.graph.pull import OpenReaders, RemoteDecoder, _node_id
-from serve_app.graph.wire import SPOOL_PREFIX, JobProgress, PulledChunk, SegmentResult, VideoRef, spooled
-from serve_app.media import VideoInfo
-from serve_app.pipeline import DEFAULT_PRESETS, Deadline, FrameBuffer, LocalFrames, TrackedBatch, track, write
+from serve_app.graph.pull import OpenReaders, RemoteDecoder, node_id
+from serve_app.graph.wire import JobProgress, PulledChunk, SegmentResult, VideoRef
+from serve_app.media import Deadline, VideoInfo
+from serve_app.pipeline import DEFAULT_PRESETS, FrameBuffer, LocalFrames, TrackedBatch, track, write
+from serve_app.spool import spool_dir, spooled
 from serve_app.trackers import TrackerConfig, build as build_tracker
 
 
@@ -92,7 +92,7 @@ class DecoderDeployment:
 
         self.readers = OpenReaders(chunk_frames, capacity=readers, idle_s=idle_s, max_stash=ahead)
         self.readers.start_reaper()
-        self.node = _node_id()
+        self.node = node_id()
         try:
             serve.get_replica_context()
             self.routed = True
@@ -161,7 +161,7 @@ class EncoderDeployment:
         """Streams how far it has got (every `PROGRESS_S`), then the result."""
         batches = self.tracker.options(stream=True).track.remote(video, info, config, deadline)
         try:
-            with spooled(video) as src, tempfile.TemporaryDirectory(prefix=SPOOL_PREFIX) as tmp:
+            with spooled(video.get()) as src, spool_dir() as tmp:
                 # Overlay pixels are decoded here rather than sent on by the tracker: a decode
                 # costs less than a frame's trip through the object store (docs/design.md).
                 source = LocalFrames(src, info) if config.mode == "overlay" else None

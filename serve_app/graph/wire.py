@@ -10,15 +10,10 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from serve_app.media import FrameChunk
-from serve_app.pipeline import StageTimings
+from serve_app.media import FrameChunk, StageTimings
 
 
 @dataclass
@@ -40,23 +35,6 @@ class VideoRef:
         import ray
 
         return ray.get(self.ref)
-
-
-SPOOL_PREFIX = "sam3-video-"  # every temporary file and folder the service makes
-
-
-@contextmanager
-def spooled(video: VideoRef) -> Iterator[str]:
-    """The video's bytes as a temporary file (decord and PyAV read paths best)."""
-    data = video.get()
-    fd, path = tempfile.mkstemp(prefix=SPOOL_PREFIX, suffix=".mp4")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        del data
-        yield path
-    finally:
-        os.unlink(path)
 
 
 @dataclass

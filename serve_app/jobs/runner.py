@@ -1,13 +1,13 @@
 """The async jobs' runner: a task in each ingress replica that claims queued jobs from the
 shared store while the replica has job slots free, runs them through the same graph as
-/v2/job, and writes their progress, outputs and errors back.
+/v2/job (its `JobHost`), and writes their progress, outputs and errors back.
 
 While a job runs, its record is updated every `beat_s` (frames done: job.json follows within a
 second; and a heartbeat), until its outputs are written. A record no longer processing (DELETE,
 or taken back by another replica's recover()) stops the job at once: its graph call is
 cancelled, so the tracker frees its session at the next frame; a deleted job's files go, a
-taken-back job's stay for its next run. Every `sweep_s` it also
-puts back jobs whose runner went silent and deletes jobs past their TTL.
+taken-back job's stay for its next run. Every `sweep_s` it also puts back jobs whose runner
+went silent and deletes jobs past their TTL.
 """
 
 from __future__ import annotations
@@ -15,35 +15,64 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import tempfile
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
+from typing import Protocol
 
 from serve_app.contract import JobConfig
 from serve_app.errors import Overloaded, ServiceError, http_status
-from serve_app.graph.wire import SPOOL_PREFIX, JobProgress
-from serve_app.jobs.store import JobRow, JobStore
+from serve_app.graph.wire import JobProgress, SegmentResult
+from serve_app.jobs.store import AsyncJobStore, JobRow
+from serve_app.media import VideoInfo
+from serve_app.metrics import StageMetrics
+from serve_app.spool import Spool
 
 log = logging.getLogger("ray.serve")
 PROBES_KEPT = 256
 
 
+class SlotPool(Protocol):
+    retry_after_s: int
+
+    def acquire(self) -> bool: ...
+
+    def release(self) -> None: ...
+
+
+class JobHost(Protocol):
+    """What runs the jobs: the sync job service (api/ingress.SegmentService), whose job slots
+    async jobs share with /v2/job."""
+
+    jobs: SlotPool
+    metrics: StageMetrics
+
+    async def probe(self, path: str) -> VideoInfo: ...
+
+    async def run(self, path: str, config: JobConfig, *, info: VideoInfo | None = None,
+                  on_progress: Callable[[JobProgress], None] | None = None) -> SegmentResult: ...
+
+    def finished(self, job_id: str, status: int, result: SegmentResult | None,
+                 exc: BaseException | None = None) -> None: ...
+
+
 class JobRunner:
-    def __init__(self, store: JobStore, service, *, stale_s: float = 60.0, ttl_s: float = 86400.0,
+    def __init__(self, store: AsyncJobStore, host: JobHost, *, stale_s: float = 60.0, ttl_s: float = 86400.0,
                  poll_s: float = 0.5, beat_s: float = 0.5) -> None:
-        self.store, self.service = store, service
+        self.store, self.host = store, host
         self.stale_s, self.ttl_s, self.poll_s, self.beat_s = stale_s, ttl_s, poll_s, beat_s
         self.sweep_s = min(10.0, stale_s / 2, ttl_s / 2)
         self.worker = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.running: dict[str, asyncio.Task] = {}
+        self.stopping = False
         self.swept = self.backoff_until = 0.0
         self.wake = asyncio.Event()  # a job was submitted here: claim now, not at the next poll
         # VideoInfo of jobs submitted here, so the runner need not probe them again; bounded,
         # as a job may be deleted, expire or run on another replica first (then it is probed).
-        self.probed: OrderedDict[str, object] = OrderedDict()
+        self.probed: OrderedDict[str, VideoInfo] = OrderedDict()
 
-    def probed_here(self, job_id: str, info: object) -> None:
+    def probed_here(self, job_id: str, info: VideoInfo) -> None:
         """A job submitted here: remember its probe, and claim now rather than at the next poll."""
         self.probed[job_id] = info
         while len(self.probed) > PROBES_KEPT:
@@ -54,6 +83,10 @@ class JobRunner:
         while True:
             try:
                 await self.tick()
+            except RuntimeError as exc:
+                if "cannot schedule new futures" in str(exc):  # the process is exiting: no thread pools
+                    return
+                log.exception("async job runner")
             except Exception:  # the store was unreachable for a moment: try again next time
                 log.exception("async job runner")
             try:
@@ -62,27 +95,37 @@ class JobRunner:
                 pass
             self.wake.clear()
 
+    async def stop(self) -> None:
+        """A graceful stop: the jobs running here go back to the queue at once, no attempt
+        counted, for another runner (their graph calls are cancelled); returns once they have."""
+        self.stopping = True
+        running = list(self.running.values())
+        for task in running:
+            task.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
+
     async def tick(self) -> None:
+        store = self.store
         if time.monotonic() - self.swept > self.sweep_s:
             self.swept = time.monotonic()
-            await asyncio.to_thread(self.store.recover, self.stale_s)
-            await asyncio.to_thread(self.store.expire, self.ttl_s)
-        self.service.metrics.jobs(await asyncio.to_thread(self.store.count, "queued"), len(self.running))
-        jobs = self.service.jobs
-        while time.monotonic() > self.backoff_until and jobs.acquire():  # a slot first: a claimed job never waits
+            await store.recover(self.stale_s)
+            await store.expire(self.ttl_s)
+        self.host.metrics.jobs(await store.count("queued"), len(self.running))
+        slots = self.host.jobs
+        while time.monotonic() > self.backoff_until and slots.acquire():  # a slot first: a claimed job never waits
             try:
-                row = await asyncio.to_thread(self.store.claim, self.worker)
+                row = await store.claim(self.worker)
             except BaseException:
-                jobs.release()
+                slots.release()
                 raise
             if row is None:
-                jobs.release()
+                slots.release()
                 return
             self.running[row.id] = asyncio.create_task(self.run(row))
 
     async def run(self, row: JobRow) -> None:
         progress, stage = JobProgress(0, row.frames_total), "tracking"
-        task = asyncio.current_task()
+        task, store, host = asyncio.current_task(), self.store, self.host
 
         def seen(p: JobProgress) -> None:
             nonlocal progress
@@ -91,49 +134,47 @@ class JobRunner:
         async def beat() -> None:  # progress and heartbeat; a deleted job is stopped
             while True:
                 await asyncio.sleep(self.beat_s)
-                alive = await asyncio.to_thread(self.store.update, row.id, frames_done=progress.frames_done,
-                                                frames_total=progress.frames_total, stage=stage)
+                alive = await store.update(row.id, frames_done=progress.frames_done,
+                                           frames_total=progress.frames_total, stage=stage)
                 if not alive:
                     task.cancel()
                     return
 
-        local = None
         beating = asyncio.create_task(beat())
         try:
-            try:
-                fd, local = tempfile.mkstemp(prefix=SPOOL_PREFIX, suffix=".mp4")
-                os.close(fd)
-                await asyncio.to_thread(self.store.get_file, row.id, "input.mp4", local)
-                config = JobConfig.model_validate(row.config)
-                result = await self.service.run(local, config, info=self.probed.pop(row.id, None), on_progress=seen)
-            finally:
-                self.service.jobs.release()
+            with Spool() as local:
+                try:
+                    await store.get_file(row.id, "input.mp4", local.done())
+                    config = JobConfig.model_validate(row.config)
+                    result = await host.run(local.path, config, info=self.probed.pop(row.id, None), on_progress=seen)
+                finally:
+                    host.jobs.release()
             progress, stage = JobProgress(result.num_frames, row.frames_total), "writing"  # still beating
-            await asyncio.to_thread(self.store.update, row.id, stage=stage, frames_done=result.num_frames)
+            await store.update(row.id, stage=stage, frames_done=result.num_frames)
             outputs = {"output.mp4": result.mp4, **({"objects.json": result.objects} if result.objects else {})}
             for name, data in outputs.items():
-                await asyncio.to_thread(self.store.put_bytes, row.id, name, data)
+                await store.put_bytes(row.id, name, data)
             beating.cancel()
-            finished = await asyncio.to_thread(self.store.finish, row.id, list(outputs), result.num_frames)
-            if not finished and await asyncio.to_thread(self.store.get, row.id) is None:
-                await asyncio.to_thread(self.store.remove_files, row.id)  # deleted meanwhile: its outputs too
-            self.service.finished(row.id, 200, result)
-            self.service.metrics.job_done("processed", time.time() - row.created_at)
-        except asyncio.CancelledError:  # deleted, or taken back by another replica's recover()
+            finished = await store.finish(row.id, list(outputs), result.num_frames)
+            if not finished and await store.get(row.id) is None:
+                await store.remove_files(row.id)  # deleted meanwhile: its outputs too
+            host.finished(row.id, 200, result)
+            host.metrics.job_done("processed", time.time() - row.created_at)
+        except asyncio.CancelledError:  # deleted, taken back by another replica's recover(), or stop()
             log.info("async job %s cancelled", row.id)
-            if await asyncio.to_thread(self.store.get, row.id) is None:  # deleted: none of its files stay
-                await asyncio.to_thread(self.store.remove_files, row.id)
+            if self.stopping:
+                await store.requeue(row.id)
+            elif await store.get(row.id) is None:  # deleted: none of its files stay
+                await store.remove_files(row.id)
             raise
         except Overloaded:  # the graph's queues are full: the job waits in ours instead
-            self.backoff_until = time.monotonic() + self.service.jobs.retry_after_s
-            await asyncio.to_thread(self.store.requeue, row.id)
+            self.backoff_until = time.monotonic() + host.jobs.retry_after_s
+            await store.requeue(row.id)
         except Exception as exc:
             error = exc if isinstance(exc, ServiceError) else ServiceError(f"internal error; quote job id {row.id}")
-            self.service.finished(row.id, http_status(error), None, exc)
-            await asyncio.to_thread(self.store.fail, row.id, str(error), error.code)
-            self.service.metrics.job_done("failed", time.time() - row.created_at)
+            host.finished(row.id, http_status(error), None, exc)
+            await store.fail(row.id, str(error), error.code)
+            host.metrics.job_done("failed", time.time() - row.created_at)
         finally:
             beating.cancel()
-            if local is not None:
-                os.unlink(local)
             self.running.pop(row.id, None)

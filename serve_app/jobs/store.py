@@ -12,15 +12,17 @@ sending heartbeats (its replica died) is queued again once, then failed.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import sqlalchemy as sa
 
-from serve_app.errors import ModelUnavailable
+from serve_app.errors import StoreUnavailable
 
 QUEUED, PROCESSING, PROCESSED, FAILED = "queued", "processing", "processed", "failed"
 METADATA = sa.MetaData()
@@ -72,11 +74,13 @@ class JobRow:
 
 
 class JobStore:
-    """One job database and file store; every replica of every node may open the same one."""
+    """One job database and file store; every replica of every node may open the same one.
+    `clock` (time.time) stamps the records: jobs are judged stale or expired by it."""
 
-    def __init__(self, store_url: str, db_url: str | None = None) -> None:
+    def __init__(self, store_url: str, db_url: str | None = None, clock: Callable[[], float] = time.time) -> None:
         import fsspec
 
+        self.clock = clock
         try:
             self.fs, self.root = fsspec.core.url_to_fs(store_url)
             self.local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
@@ -94,7 +98,7 @@ class JobStore:
             METADATA.create_all(self.engine)
             self.postgres = self.engine.dialect.name == "postgresql"
         except Exception as exc:  # whatever the URL, driver or permissions say
-            raise ModelUnavailable(f"the job store {store_url!r} (database {_shown(db_url)!r}) cannot be used: "
+            raise StoreUnavailable(f"the job store {store_url!r} (database {_shown(db_url)!r}) cannot be used: "
                                    f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from None
 
     # -- files ----------------------------------------------------------------------------------
@@ -139,7 +143,7 @@ class JobStore:
 
     # -- records --------------------------------------------------------------------------------
     def create(self, config: dict[str, Any], frames: int, job_id: str | None = None) -> JobRow:
-        now = time.time()
+        now = self.clock()
         job_id = job_id or uuid.uuid4().hex
         with self.engine.begin() as db:
             db.execute(JOBS.insert().values(id=job_id, state=QUEUED, config=json.dumps(config), created_at=now,
@@ -158,7 +162,7 @@ class JobStore:
 
     def claim(self, worker: str) -> JobRow | None:
         """The oldest queued job, now processing by `worker`; None when none is queued."""
-        now = time.time()
+        now = self.clock()
         try:
             with self.engine.begin() as db:
                 pick = sa.select(JOBS.c.id).where(JOBS.c.state == QUEUED).order_by(JOBS.c.created_at).limit(1)
@@ -176,17 +180,17 @@ class JobStore:
 
     def update(self, job_id: str, **values: Any) -> bool:
         """Set `values` (frames_done, stage, ...) and the heartbeat; False if the job is gone."""
-        now = time.time()
+        now = self.clock()
         with self.engine.begin() as db:
             return db.execute(JOBS.update().where(JOBS.c.id == job_id, JOBS.c.state == PROCESSING).values(
                 updated_at=now, heartbeat_at=now, **values)).rowcount == 1
 
     def finish(self, job_id: str, outputs: list[str], frames: int) -> bool:
         return self.update(job_id, state=PROCESSED, stage=PROCESSED, outputs=json.dumps(outputs),
-                           frames_done=frames, finished_at=time.time())
+                           frames_done=frames, finished_at=self.clock())
 
     def fail(self, job_id: str, error: str, code: str) -> bool:
-        return self.update(job_id, state=FAILED, stage=FAILED, error=error, code=code, finished_at=time.time())
+        return self.update(job_id, state=FAILED, stage=FAILED, error=error, code=code, finished_at=self.clock())
 
     def delete(self, job_id: str) -> bool:
         with self.engine.begin() as db:
@@ -199,11 +203,11 @@ class JobStore:
         with self.engine.begin() as db:
             return db.execute(JOBS.update().where(JOBS.c.id == job_id, JOBS.c.state == PROCESSING).values(
                 state=QUEUED, stage=QUEUED, worker=None, frames_done=0, started_at=None,
-                attempts=JOBS.c.attempts - 1, updated_at=time.time())).rowcount == 1
+                attempts=JOBS.c.attempts - 1, updated_at=self.clock())).rowcount == 1
 
     def recover(self, stale_s: float, retries: int = 1) -> int:
         """Jobs whose runner went silent for `stale_s`: queued again once, then failed."""
-        cutoff, now = time.time() - stale_s, time.time()
+        cutoff, now = self.clock() - stale_s, self.clock()
         stale = (JOBS.c.state == PROCESSING) & (JOBS.c.heartbeat_at < cutoff)
         with self.engine.begin() as db:
             again = db.execute(JOBS.update().where(stale, JOBS.c.attempts <= retries).values(
@@ -216,10 +220,22 @@ class JobStore:
     def expire(self, ttl_s: float) -> int:
         """Deletes jobs (and their files) created more than `ttl_s` ago."""
         with self.engine.connect() as db:
-            old = [r[0] for r in db.execute(sa.select(JOBS.c.id).where(JOBS.c.created_at < time.time() - ttl_s))]
+            old = [r[0] for r in db.execute(sa.select(JOBS.c.id).where(JOBS.c.created_at < self.clock() - ttl_s))]
         for job_id in old:
             self.delete(job_id)
         return len(old)
+
+
+class AsyncJobStore:
+    """A JobStore's methods as coroutines, each run in a worker thread: the event loop never
+    waits for the disk or the database."""
+
+    def __init__(self, store: JobStore) -> None:
+        self.sync = store
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        method = getattr(self.sync, name)
+        return lambda *args, **kwargs: asyncio.to_thread(method, *args, **kwargs)
 
 
 def _sqlite_wal(connection, _record) -> None:

@@ -3,21 +3,38 @@ PostgreSQL server: claims never hand one job to two runners, files appear whole,
 runner's job is retried once then failed, old jobs expire, a bad store fails at once."""
 
 import threading
-import time
 
 import pytest
 
-from serve_app.errors import ModelUnavailable
+from serve_app.errors import StoreUnavailable
 from serve_app.jobs.store import FAILED, PROCESSED, PROCESSING, QUEUED, JobStore
 
 
+class Clock:
+    """The store's clock, moved on by the test: staleness and expiry without sleeping."""
+
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clock():
+    return Clock()
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
-def store(request, tmp_path):
+def store(request, tmp_path, clock):
     if request.param == "sqlite":
-        yield JobStore(str(tmp_path / "jobs"))
+        yield JobStore(str(tmp_path / "jobs"), clock=clock)
         return
     url = request.getfixturevalue("postgres_url")
-    store = JobStore(str(tmp_path / "jobs"), url)
+    store = JobStore(str(tmp_path / "jobs"), url, clock=clock)
     with store.engine.begin() as db:  # one server for the session: each test starts empty
         db.execute(store_table().delete())
     yield store
@@ -71,25 +88,31 @@ def test_a_deleted_job_stops_updating_and_loses_its_files(store):
     assert not store.update(row.id, frames_done=1) and not store.finish(row.id, ["output.mp4"], 1)
 
 
-def test_a_silent_runners_job_is_retried_once_then_failed(store):
+def test_a_silent_runners_job_is_retried_once_then_failed(store, clock):
     row = store.create({"prompt": "fish"}, frames=1)
     store.claim("dead-1")
-    assert store.recover(stale_s=60) == 0  # it beat a moment ago
-    time.sleep(0.2)
-    assert store.recover(stale_s=0.1) == 1 and store.get(row.id).state == QUEUED
+    clock.advance(59)
+    assert store.recover(stale_s=60) == 0  # it beat 59 s ago
+    assert store.update(row.id, frames_done=1)  # a heartbeat: silent for 0 s again
+    clock.advance(59)
+    assert store.recover(stale_s=60) == 0
+    clock.advance(2)
+    assert store.recover(stale_s=60) == 1 and store.get(row.id).state == QUEUED
     assert store.claim("alive").attempts == 2
-    time.sleep(0.2)
-    store.recover(stale_s=0.1)
+    clock.advance(61)
+    store.recover(stale_s=60)
     failed = store.get(row.id)
     assert failed.state == FAILED and "stopped, twice" in failed.error and failed.code == "model_error"
 
 
-def test_old_jobs_expire_with_their_files(store):
+def test_old_jobs_expire_with_their_files(store, clock):
     old = store.create({"prompt": "old"}, frames=1)
     store.put_bytes(old.id, "output.mp4", b"x")
-    time.sleep(0.3)
+    clock.advance(3600)
     new = store.create({"prompt": "new"}, frames=1)
-    assert store.expire(ttl_s=0.2) == 1
+    assert store.expire(ttl_s=3601) == 0
+    clock.advance(2)
+    assert store.expire(ttl_s=3601) == 1
     assert store.get(old.id) is None and store.size(old.id, "output.mp4") is None
     assert store.get(new.id) is not None
 
@@ -98,31 +121,32 @@ def test_files_are_never_seen_half_written(store, tmp_path):
     row = store.create({"prompt": "fish"}, frames=1)
     (tmp_path / "big.mp4").write_bytes(b"\1" * (8 << 20))
     seen = []
-    stop = threading.Event()
+    stop, found = threading.Event(), threading.Event()
 
     def watch():
         while not stop.is_set():
             size = store.size(row.id, "input.mp4")
             if size is not None:
                 seen.append(size)
+                found.set()
 
     watcher = threading.Thread(target=watch)
     watcher.start()
     store.put_file(row.id, "input.mp4", str(tmp_path / "big.mp4"))
-    time.sleep(0.05)
+    assert found.wait(10)  # the watcher has read the file in place at least once
     stop.set()
     watcher.join()
     assert seen and set(seen) == {8 << 20}
 
 
 def test_a_store_that_cannot_be_written_fails_at_once_with_one_clear_message(tmp_path):
-    with pytest.raises(ModelUnavailable, match="the job store '/proc/nowhere' .* cannot be used"):
+    with pytest.raises(StoreUnavailable, match="the job store '/proc/nowhere' .* cannot be used"):
         JobStore("/proc/nowhere")
-    with pytest.raises(ModelUnavailable, match="cannot be used"):
+    with pytest.raises(StoreUnavailable, match="cannot be used"):
         JobStore(str(tmp_path / "ok"), "postgresql+psycopg://nobody@127.0.0.1:1/none")
 
 
 def test_a_database_that_cannot_be_reached_is_named_without_its_password(tmp_path):
-    with pytest.raises(ModelUnavailable) as refused:
+    with pytest.raises(StoreUnavailable) as refused:
         JobStore(str(tmp_path / "store"), "postgresql+psycopg://jobs:s3cret@127.0.0.1:1/jobs")
     assert "s3cret" not in str(refused.value) and "jobs:***@127.0.0.1:1/jobs" in str(refused.value)

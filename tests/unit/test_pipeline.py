@@ -121,7 +121,7 @@ class TimedFrames:
     its iteration is closed."""
 
     def __init__(self, chunks, wait_s=0.0):
-        from serve_app.pipeline import StageTimings
+        from serve_app.media import StageTimings
 
         self.chunks, self.wait_s, self.timings, self.closed = list(chunks), wait_s, StageTimings(), False
 

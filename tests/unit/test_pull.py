@@ -260,7 +260,7 @@ def test_chunks_of_large_pictures_hold_fewer_frames():
     from fractions import Fraction
 
     from serve_app.media import VideoInfo
-    from serve_app.pipeline import CHUNK_BYTES, chunk_frames_for
+    from serve_app.media import CHUNK_BYTES, chunk_frames_for
 
     def info(width, height):
         return VideoInfo(width, height, 100, tuple(range(100)), Fraction(1, 25), Fraction(25))

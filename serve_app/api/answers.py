@@ -19,7 +19,7 @@ from typing import Any
 from serve_app.contract import JOB_TYPE, JobConfig
 from serve_app.errors import Overloaded, ServiceError, http_status
 from serve_app.graph.wire import SegmentResult
-from serve_app.pipeline import STAGES
+from serve_app.media import STAGES
 
 MULTIPART = "multipart/form-data"
 

@@ -4,7 +4,7 @@ the max over replicas), the jobs each one runs (sum them), and how long jobs too
 
 from __future__ import annotations
 
-from serve_app.pipeline import STAGES, StageTimings
+from serve_app.media import STAGES, StageTimings
 
 # Milliseconds: a short clip's composite step to a long video's tracking.
 BOUNDARIES = [10, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 120000, 300000, 600000]

@@ -1,0 +1,71 @@
+"""Async jobs as a service of their own: the store, the queue's bound, and the runner that
+claims jobs in this replica. The routes (api/async_jobs.py) and the handle API both call it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+
+from serve_app.contract import JobConfig
+from serve_app.errors import JobNotDone, NotFound, Overloaded, error_from_code
+from serve_app.jobs.runner import JobHost, JobRunner
+from serve_app.jobs.store import QUEUED, AsyncJobStore, JobRow, JobStore
+
+
+class AsyncJobs:
+    def __init__(self, store: JobStore, host: JobHost, *, max_queued: int = 100, stale_s: float = 60.0,
+                 ttl_s: float = 86400.0) -> None:
+        self.store, self.host, self.max_queued = AsyncJobStore(store), host, max_queued
+        self.runner = JobRunner(self.store, host, stale_s=stale_s, ttl_s=ttl_s)
+        self._loop: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop().create_task(self.runner.loop())
+
+    async def stop(self) -> None:
+        """Claims end, and the jobs running here go back to the queue (JobRunner.stop)."""
+        if self._loop is not None:
+            self._loop.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop
+        await self.runner.stop()
+
+    async def enqueue(self, path: str, config: JobConfig) -> JobRow:
+        """Queue a job for the upload at `path`, refused now, not in job.json later, when the
+        queue is full or the probe refuses the video. Its id is new, never the caller's
+        X-Request-ID: it names the job's files in the store."""
+        if await self.store.count(QUEUED) >= self.max_queued:
+            raise Overloaded(f"{self.max_queued} jobs are waiting already; retry later", self.host.jobs.retry_after_s)
+        info = await self.host.probe(path)
+        job_id = uuid.uuid4().hex
+        await self.store.put_file(job_id, "input.mp4", path)
+        try:
+            row = await self.store.create(config.model_dump(exclude_unset=True), info.num_frames, job_id)
+        except BaseException:
+            await self.store.remove_files(job_id)
+            raise
+        self.runner.probed_here(job_id, info)
+        return row
+
+    async def get(self, job_id: str) -> JobRow:
+        row = await self.store.get(job_id)
+        if row is None:
+            raise NotFound(f"no job {job_id[:64]!r}; it never was, was deleted or has expired")
+        return row
+
+    async def delete(self, job_id: str) -> None:
+        """Cancels the job (its runner sees the record gone) and deletes its files."""
+        row = await self.get(job_id)
+        if not await self.store.delete(row.id):
+            raise NotFound(f"no job {row.id!r}; it was deleted or expired meanwhile")
+
+    async def result(self, job_id: str) -> dict[str, bytes]:
+        """The processed job's files by name; its own error if it failed, JobNotDone before."""
+        row = await self.get(job_id)
+        if row.state == "failed":
+            raise error_from_code(row.code, row.error or "the job failed")
+        if row.state != "processed":
+            raise JobNotDone(f"job {job_id} is {row.state} ({row.frames_done} of {row.frames_total} frames); "
+                             "ask again later")
+        return {name: await self.store.read(row.id, name) for name in row.outputs}
