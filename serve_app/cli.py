@@ -172,7 +172,7 @@ def _synth(args: argparse.Namespace) -> None:
 
 
 def _check_config(args: argparse.Namespace) -> int:
-    from serve_app.deploy_check import check_files
+    from serve_app.deploy import check_files
 
     problems = check_files(args.files)
     for problem in problems:

@@ -25,6 +25,7 @@ from serve_app.errors import ModelError
 from serve_app.graph.wire import PulledChunk, VideoRef, spooled
 from serve_app.media import FrameChunk, VideoInfo
 from serve_app.pipeline import StageTimings, chunk_frames_for
+from serve_app.ray_compat import prefer_local_routing
 
 
 def num_chunks(info: VideoInfo, chunk_frames: int) -> int:
@@ -199,10 +200,7 @@ class RemoteDecoder:
         """Send each job's first call to a decoder on this node when there is one (Serve's
         locality routing, a private handle option of Ray 2.x); the job's later calls follow it
         there by multiplexing, so its frames stay on the node."""
-        try:
-            self.handle._init(_prefer_local_routing=True)
-        except (AttributeError, RuntimeError, TypeError):  # local testing mode, or already routing
-            pass
+        prefer_local_routing(self.handle)
 
 
 class PulledFrames:

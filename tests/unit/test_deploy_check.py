@@ -2,14 +2,19 @@
 names the file, the key path and what would be right. No Ray is started (conftest refuses it)."""
 
 import copy
+import os
 import pathlib
+import shutil
+import subprocess
+import sys
 
 import pytest
 import yaml
 
 from serve_app.app import APP_NAME
 from serve_app.cli import main
-from serve_app.deploy_check import check_cluster_config, check_files, check_fit, check_serve_config
+from serve_app.deploy import check_files
+from serve_app.deploy.ray_configs import check_cluster_config, check_fit, check_serve_config
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 SERVE = REPO / "serve_config.yaml"
@@ -141,10 +146,10 @@ def test_invalid_cluster_config_fails_rays_validator(cluster_cfg, mutate, expect
 
 
 def test_type_min_above_max_is_caught_although_ray_accepts_it(cluster_cfg):
-    from ray.autoscaler._private.util import prepare_config, validate_config
+    from serve_app.ray_compat import prepare_cluster_config, validate_cluster_config
 
     cluster_cfg["available_node_types"]["gpu_worker"].update(min_workers=3, max_workers=2)
-    validate_config(prepare_config(copy.deepcopy(cluster_cfg)))  # Ray would launch 2, silently
+    validate_cluster_config(prepare_cluster_config(copy.deepcopy(cluster_cfg)))  # Ray would launch 2, silently
     assert [str(p) for p in cluster_problems(cluster_cfg)] == [
         "cluster.yaml: available_node_types.gpu_worker.min_workers is 3, above max_workers 2"
     ]
@@ -177,7 +182,7 @@ def test_cli_check_config_exit_status_and_message(tmp_path, capsys, serve_cfg):
     assert f"{bad}: applications[0].args.max_queued_request is not a known key; did you mean max_queued_requests?" in err
 
 
-# -- KubeRay RayService (deploy/kuberay/rayservice.yaml, serve_app/deploy_kuberay.py) --------------
+# -- KubeRay RayService (deploy/kuberay/rayservice.yaml, serve_app/deploy/kuberay.py) -------------
 RAYSERVICE = REPO / "deploy" / "kuberay" / "rayservice.yaml"
 
 
@@ -187,7 +192,7 @@ def rs_cfg():
 
 
 def rs_problems(cfg):
-    from serve_app.deploy_kuberay import check_rayservice
+    from serve_app.deploy.kuberay import check_rayservice
 
     return check_rayservice(cfg, "rayservice.yaml")
 
@@ -216,12 +221,12 @@ def test_shipped_rayservice_embeds_serve_config_yaml(rs_cfg, serve_cfg):
 
 
 def test_vendored_crd_schema_names_its_release():
-    from serve_app.deploy_kuberay import KUBERAY_VERSION, SCHEMA_FILE, crd_schema
+    from serve_app.deploy.kuberay import KUBERAY_VERSION, SCHEMA_FILE, crd_schema
 
     doc = crd_schema()
     assert (doc["kuberay_version"], doc["crd"], doc["version"]) == (KUBERAY_VERSION, "rayservices.ray.io", "v1")
     assert len(doc["commit"]) == 40 and doc["license"] == "Apache-2.0"
-    assert SCHEMA_FILE.stat().st_size < 300_000
+    assert len(SCHEMA_FILE.read_bytes()) < 300_000
     spec = doc["openAPIV3Schema"]["properties"]["spec"]
     assert spec["required"] == ["rayClusterConfig"] and "serveConfigV2" in spec["properties"]
 
@@ -323,7 +328,7 @@ def test_rayservice_group_without_the_proxy_body_cap_is_reported(rs_cfg):
 
 
 def test_group_ray_resources_are_what_the_autoscaler_plans_with(rs_cfg):
-    from serve_app.deploy_kuberay import ray_resources
+    from serve_app.deploy.kuberay import ray_resources
 
     head = rs_cfg["spec"]["rayClusterConfig"]["headGroupSpec"]
     cpu, gpu = _groups(rs_cfg)
@@ -380,3 +385,20 @@ def test_a_file_of_no_known_kind_is_named(tmp_path):
     other.write_text("apiVersion: apps/v1\nkind: Deployment\n")
     (problem,) = check_files([str(other)])
     assert "kind: RayService" in problem.message
+
+
+def test_a_plain_install_checks_the_rayservice_with_its_own_crd_schema(tmp_path):
+    """Not editable, not run from the checkout: the CRD schema must travel as package data."""
+    source, target, elsewhere = tmp_path / "src", tmp_path / "target", tmp_path / "elsewhere"
+    shutil.copytree(REPO / "serve_app", source / "serve_app", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)  # no stale egg-info or build/ from the checkout
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--no-index",
+                    "--disable-pip-version-check", "--target", str(target), str(source)], check=True)
+    elsewhere.mkdir()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(target), os.environ.get("PYTHONPATH", "")])}
+    run = subprocess.run([sys.executable, "-c", (
+        "import sys, serve_app.cli as cli; print(cli.__file__); sys.exit(cli.main(['check-config', sys.argv[1]]))"),
+        str(RAYSERVICE)], cwd=elsewhere, env=env, capture_output=True, text=True)
+    assert run.returncode == 0 and run.stderr.endswith(f"ok: {RAYSERVICE}\n"), run.stderr
+    assert pathlib.Path(run.stdout.strip()).is_relative_to(target)
