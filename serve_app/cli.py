@@ -115,9 +115,11 @@ def _segment(args: argparse.Namespace) -> None:
         mp4, summary = files["output.mp4"], f"job {job['id']}, {job['progress']['elapsed_s']} s"
         objects = files.get("objects.json")
     else:
+        from serve_app.app import start_app
+
         app_args = _app_args(args, joining=False)
         with tqdm(total=1, desc="segment via embedded Ray", unit="job", disable=args.quiet) as bar:
-            result = client.start_graph(app_args).segment_result.remote(video, config).result()
+            result = start_app(app_args).segment_result.remote(video, config).result()
             bar.update(1)
         mp4, summary, objects = result.mp4, _summary(result.timings), result.objects
     with open(args.output, "wb") as f:
@@ -138,7 +140,7 @@ def _objects_path(output: str) -> str:
 
 
 def _summary(timings) -> str:
-    from serve_app.pipeline import STAGES
+    from serve_app.media import STAGES
 
     return ", ".join(f"{s} {getattr(timings, s + '_ms'):.0f} ms" for s in STAGES)
 
@@ -151,9 +153,9 @@ def _done(args: argparse.Namespace, summary: str) -> None:
 def _serve(args: argparse.Namespace) -> None:
     import time
 
-    from serve_app import client
+    from serve_app.app import start_app
 
-    client.start_graph(_app_args(args, joining=bool(args.address)), address=args.address, http=(args.host, args.port))
+    start_app(_app_args(args, joining=bool(args.address)), address=args.address, http=(args.host, args.port))
     print(f"serving POST http://{args.host}:{args.port}/v2/job (Ctrl-C stops)", file=sys.stderr)
     try:
         while True:

@@ -22,10 +22,10 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from serve_app.errors import ModelError
-from serve_app.graph.wire import PulledChunk, VideoRef, spooled
-from serve_app.media import FrameChunk, VideoInfo
-from serve_app.pipeline import StageTimings, chunk_frames_for
+from serve_app.graph.wire import PulledChunk, VideoRef
+from serve_app.media import FrameChunk, StageTimings, VideoInfo, chunk_frames_for
 from serve_app.ray_compat import prefer_local_routing
+from serve_app.spool import spooled
 
 
 def num_chunks(info: VideoInfo, chunk_frames: int) -> int:
@@ -62,7 +62,7 @@ class _OpenVideo:
             return self._once(index)  # behind this reader (or evicted): leave it where it is
         opened = self.reader is None
         if opened:
-            self.path = self.files.enter_context(spooled(self.video))
+            self.path = self.files.enter_context(spooled(self.video.get()))
             self.reader = self.files.enter_context(closing(ChunkReader(self.path, self.info, self.chunk_frames)))
         gap = (wanted - self.reader.position) // self.chunk_frames
         if opened or gap > self.max_stash:
@@ -82,7 +82,7 @@ class _OpenVideo:
         from serve_app.video.decode import ChunkReader
 
         with ExitStack() as files:
-            path = self.path if not self.closed else files.enter_context(spooled(self.video))
+            path = self.path if not self.closed else files.enter_context(spooled(self.video.get()))
             reader = files.enter_context(closing(ChunkReader(path, self.info, self.chunk_frames)))
             reader.skip(index * self.chunk_frames)
             return reader.read(), index * self.chunk_frames, True
@@ -217,7 +217,7 @@ class PulledFrames:
         # The job id as multiplexed model id: Serve prefers the replica that holds its reader.
         # The first call goes without it, so locality (prefer_local) picks its replica.
         decoder = self.remote.handle.options(multiplexed_model_id=job_id)
-        here = _node_id()
+        here = node_id()
         # Decoding needs no timestamps; 18,000 of them would travel with every call (~90 KB).
         sent = replace(self.info, pts=())
         size = chunk_frames_for(self.info, self.remote.chunk_frames)
@@ -254,7 +254,7 @@ class PulledFrames:
             self.timings.decode_lead_chunks = decode_lead(decoded, taken)
 
 
-def _node_id() -> str:
+def node_id() -> str:
     try:
         import ray
 
