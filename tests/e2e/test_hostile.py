@@ -3,10 +3,12 @@ and the service serves a good request after each (loopback only, bounded in coun
 
 import json
 import re
+import select
 import socket
 import tempfile
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import httpx
@@ -16,6 +18,7 @@ from testkit.video import read_video
 from tests.conftest import SHAPES_N
 from tests.e2e.conftest import HOSTILE_IDLE_S, HOSTILE_TIMEOUT_S
 from tests.e2e.test_reliability import read_answer
+from tests.serving import wait_until
 from tests.videofactory import claims_frames, make_video
 
 JOB = "inference.sam3.segment.video.v1"
@@ -28,11 +31,27 @@ def serves(base: str, clip: Path, client: str = "127.0.0.1") -> None:
     assert len(read_video(r.content).frames) == SHAPES_N
 
 
-def open_upload(port: int, path: str, length: int, first: bytes = b"", client: str = "127.0.0.1") -> socket.socket:
+def open_upload(port: int, path: str, length: int, first: bytes = b"", client: str = "127.0.0.1",
+                headers: str = "") -> socket.socket:
     """A request from `client` that declares `length` body bytes and sends only `first` of them."""
     s = socket.create_connection(("127.0.0.1", port), source_address=(client, 0))
-    s.sendall(f"POST {path} HTTP/1.1\r\nHost: test\r\nContent-Length: {length}\r\n\r\n".encode() + first)
+    s.sendall(f"POST {path} HTTP/1.1\r\nHost: test\r\n{headers}Content-Length: {length}\r\n\r\n".encode() + first)
     return s
+
+
+def answered(sockets: list[socket.socket], count: int, timeout_s: float) -> set[socket.socket]:
+    """Waits until `count` of `sockets` have an answer to read; returns those that have."""
+    ready: set[socket.socket] = set()
+    deadline = time.monotonic() + timeout_s
+    while len(ready) < count and time.monotonic() < deadline:
+        ready.update(select.select([s for s in sockets if s not in ready], [], [], 0.2)[0])
+    return ready
+
+
+def metric(cluster, name: str, status: str) -> float:
+    text = httpx.get(cluster.metrics_url, timeout=10).text
+    found = re.findall(r'^ray_%s\{[^}]*status="%s"[^}]*\} ([0-9.]+)' % (name, status), text, re.M)
+    return sum(float(v) for v in found)
 
 
 def spooled_files() -> set[str]:
@@ -44,7 +63,9 @@ def test_idle_uploads_cannot_shut_out_a_good_request_and_are_dropped_with_408(cl
     idle = [open_upload(cluster.http_port, "/hostile/v2/segment?prompt=red", 1 << 20, client=client)
             for client in ("127.0.0.1", "127.0.0.3") for _ in range(10)]
     try:
-        time.sleep(0.5)  # all twenty are inside the ingress, waiting for their bodies
+        # Each client's two over the cap are refused once its eight hold their slots: then all
+        # twenty are inside the ingress, waiting for their bodies.
+        assert len(answered(idle, 4, timeout_s=30)) == 4
         serves(hostile, shapes, client="127.0.0.2")
         codes = []
         for s in idle:
@@ -193,15 +214,20 @@ def test_small_things_a_hostile_client_tries(cluster, graph, shapes):
 
 def test_a_full_replica_says_why_in_plain_words(hostile, shapes):
     results = []
+    sent = [threading.Event(), threading.Event()]
 
-    def slow():
-        results.append(httpx.post(f"{hostile}/v2/segment", params={"prompt": "red slow"},
-                                  content=shapes.read_bytes(), timeout=120))
+    def slow(sent: threading.Event):
+        def body():
+            yield shapes.read_bytes()
+            sent.set()  # the whole body is on its way: its job takes a slot as it arrives
 
-    holders = [threading.Thread(target=slow) for _ in range(2)]  # the hostile app runs two jobs
+        results.append(httpx.post(f"{hostile}/v2/segment", params={"prompt": "red slow"}, content=body(),
+                                  timeout=120))
+
+    holders = [threading.Thread(target=slow, args=(e,)) for e in sent]  # the hostile app runs two jobs
     for t in holders:
         t.start()
-    time.sleep(1.0)
+    assert all(e.wait(30) for e in sent)
     r = httpx.post(f"{hostile}/v2/segment", params={"prompt": "red"}, content=shapes.read_bytes(), timeout=30)
     for t in holders:
         t.join()
@@ -210,18 +236,24 @@ def test_a_full_replica_says_why_in_plain_words(hostile, shapes):
 
 
 def test_a_client_that_goes_away_is_counted_as_499_not_as_our_failure(cluster, graph, shapes):
-    def count(status: str) -> float:
-        text = httpx.get(cluster.metrics_url, timeout=10).text
-        found = re.findall(r'^ray_sam3_video_requests_total\{[^}]*status="%s"[^}]*\} ([0-9.]+)' % status, text, re.M)
-        return sum(float(v) for v in found)
-
-    before_500 = count("500")
-    with open_upload(cluster.http_port, "/v2/segment?prompt=red", 1 << 20, b"\0" * 1000):
-        time.sleep(0.5)
-    deadline = time.monotonic() + 30
-    while count("499") < 1 and time.monotonic() < deadline:
-        time.sleep(1)  # Ray exports custom metrics every few seconds
-    assert count("499") >= 1 and count("500") == before_500
+    before = {status: metric(cluster, "sam3_video_requests_total", status) for status in ("499", "500")}
+    request_id = f"gone-{uuid.uuid4().hex[:12]}"
+    spools = spooled_files()
+    with open_upload(cluster.http_port, "/v2/segment?prompt=red", 1 << 20, b"\0" * 1000,
+                     headers=f"X-Request-ID: {request_id}\r\n"):
+        # The ingress is reading the body once its spool file exists: then the client goes.
+        assert wait_until(lambda: spooled_files() - spools, timeout_s=30, interval_s=0.05)
+    assert wait_until(lambda: not spooled_files() - spools, timeout_s=30, interval_s=0.1)
+    # Recorded: the ingress's log line for this request says 499.
+    logs = Path(tempfile.gettempdir(), "ray", "session_latest", "logs", "serve")
+    line = f"job {request_id} 499"
+    assert wait_until(lambda: any(line in p.read_text(errors="replace") for p in logs.glob("replica_*Ingress*.log")),
+                      timeout_s=30), f"no '{line}' in {logs}"
+    # Exported: Ray sends custom metrics every few seconds; exactly one more 499, no more 500s.
+    assert wait_until(lambda: metric(cluster, "sam3_video_requests_total", "499") >= before["499"] + 1,
+                      timeout_s=60, interval_s=1), "the 499 was logged but never exported"
+    assert metric(cluster, "sam3_video_requests_total", "499") == before["499"] + 1
+    assert metric(cluster, "sam3_video_requests_total", "500") == before["500"]
     serves(graph, shapes)
 
 

@@ -126,17 +126,22 @@ def test_every_error_carries_a_stable_code_beside_its_message(graph, strict):
 
 
 def test_prometheus_metrics_per_stage(cluster, graph, shapes):
+    def scrape() -> tuple[set[str], float]:
+        text = httpx.get(cluster.metrics_url, timeout=10).text
+        stages = set(re.findall(r'^ray_sam3_video_stage_ms_count\{[^}]*stage="(\w+)"', text, re.M))
+        ok = re.findall(r'^ray_sam3_video_requests_total\{[^}]*status="200"[^}]*\} ([0-9.]+)', text, re.M)
+        return stages, sum(float(v) for v in ok)
+
+    _, ok_before = scrape()
     r = httpx.post(f"{graph}/v2/segment", params={"prompt": "red"}, content=shapes.read_bytes(), timeout=60)
     assert r.status_code == 200
 
-    def scrape():
-        text = httpx.get(cluster.metrics_url, timeout=10).text
-        stages = set(re.findall(r'^ray_sam3_video_stage_ms_count\{[^}]*stage="(\w+)"', text, re.M))
-        ok = re.search(r'^ray_sam3_video_requests_total\{[^}]*status="200"[^}]*\} ([0-9.]+)', text, re.M)
-        return text if stages >= set(STAGES) and ok and float(ok.group(1)) >= 1 else None
+    def exported():
+        stages, ok = scrape()
+        return stages >= set(STAGES) and ok >= ok_before + 1
 
     # Ray exports custom metrics every few seconds, from each node's metrics agent.
-    assert wait_until(scrape, timeout_s=30, interval_s=1), "no per-stage metrics in " + cluster.metrics_url
+    assert wait_until(exported, timeout_s=30, interval_s=1), "no per-stage metrics in " + cluster.metrics_url
 
 
 def test_cli_segments_through_a_running_service(graph, shapes, tmp_path, capsys):
