@@ -166,7 +166,7 @@ def run_check(args) -> dict:
 
     # 4. stock sam3 (eager) on the same clip, from the same weights; then trimmed vs untrimmed
     checkpoint = Path(tempfile.gettempdir()) / "gpu_check_sam3_random.pt"
-    tracker.call(lambda model: torch.save({"model": model.state_dict()}, checkpoint))
+    torch.save({"model": tracker.model.state_dict()}, checkpoint)  # the model thread is idle between jobs
     tracker.close()
     del tracker
     _free()
@@ -264,7 +264,7 @@ def _cpu_predictor(checkpoint: Path):
     with compat.on_device("cpu"):
         model = build_sam3_video_model(checkpoint_path=str(checkpoint), load_from_HF=False, bpe_path=bpe_path(),
                                        device="cpu").eval()
-    memo = type("Memo", (), {"detector_passes": 0, "detector_log": {}})()
+    memo = type("Memo", (), {"detector_passes": 0})()
     memoize_detector(model, memo)
     predictor = Sam3VideoPredictor.__new__(Sam3VideoPredictor)
     predictor.model, predictor.async_loading_frames, predictor.video_loader_type = model, False, "cv2"
@@ -298,7 +298,8 @@ def trimmed_vs_untrimmed(plan: Plan, model) -> tuple[bool, str]:
             frames = LazyFrames(n, lambda: next(pending, None), model.device, expected_size=(height, width))
             session = Session(model, frames, n, height, width, trim=trim)
             try:
-                session.run(PROMPT, lambda i, out: outputs.append(out), settings=forced_objects(plan.stock_objects))
+                for _ in session.steps(PROMPT, lambda i, out: outputs.append(out), forced_objects(plan.stock_objects)):
+                    pass
             finally:
                 session.close()
         finally:

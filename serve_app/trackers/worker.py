@@ -123,7 +123,7 @@ class ModelWorker:
     """Builds the model with `build()` on its own thread, then runs submitted tasks there,
     up to `max_sessions` generator tasks interleaved frame by frame."""
 
-    def __init__(self, build: Callable[[], Any], max_pending: int = 4, name: str = "sam3-model",
+    def __init__(self, build: Callable[[], Any], max_pending: int = 4, name: str = "model",
                  max_sessions: int = 1, label: str = "SAM 3") -> None:
         if max_sessions < 1:
             raise ValueError("max_sessions must be at least 1")

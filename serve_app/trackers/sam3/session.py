@@ -170,11 +170,6 @@ class Session:
         with compat.model_context(model.device):
             self.state: dict | None = _new_state(model, frames, num_frames, height, width)
 
-    def run(self, prompt: str, emit: Emit, settings: Mapping[str, Any] | None = None) -> None:
-        """Run every step (`steps`) at once."""
-        for _ in self.steps(prompt, emit, settings):
-            pass
-
     def steps(self, prompt: str, emit: Emit, settings: Mapping[str, Any] | None = None,
               around: Callable[[], ContextManager] = contextlib.nullcontext) -> Iterator[int]:
         """Prompt frame 0 with `prompt` and propagate forward, calling `emit` once per frame in

@@ -28,10 +28,22 @@ def forced_objects(count: int) -> dict[str, Any]:
             "max_num_objects": count, "hotstart_unmatch_thresh": 1 << 30, "hotstart_dup_thresh": 1 << 30}
 
 
+class Sam3Hooks:
+    """What tests and benchmarks attach to a Sam3Tracker (testkit/sam3.py): options for
+    compile.Compiled (a CPU backend), and calls on the model thread once the model is built
+    and after each emitted frame (the session trimmed). These do nothing."""
+
+    compile_options: Mapping[str, Any] = {}
+
+    def on_build(self, model) -> None: ...
+
+    def after_frame(self, session, outputs: dict) -> None: ...
+
+
 class Sam3Tracker:
     """SAM 3 (PyPI sam3 0.1.4) turning decoded frames and a text prompt into detections,
     configured by a Sam3Config (trackers/sam3/config.py); `weights` overrides where the
-    weights come from (tests and benchmarks build random ones: testkit/sam3.py).
+    weights come from and `hooks` instrument it (tests and benchmarks: testkit/sam3.py).
 
     Output: one Detections per frame, in order, lagging the input by SAM 3's hotstart delay
     (15 frames). `scores` are SAM 3's `out_probs`: the detector's score for the object on the
@@ -39,14 +51,14 @@ class Sam3Tracker:
     max_objects are SAM 3's own detection settings for its session (session.detection_settings).
     """
 
-    compile_options: Mapping[str, Any] = {}  # trackers.sam3.compile.Compiled's (tests: a CPU backend)
-
-    def __init__(self, config: Sam3Config = Sam3Config(), weights: WeightsSource | None = None) -> None:
+    def __init__(self, config: Sam3Config = Sam3Config(), weights: WeightsSource | None = None,
+                 hooks: Sam3Hooks = Sam3Hooks()) -> None:
         weights = weights or resolve_weights(config.checkpoint)  # fails before any thread starts
         self.config = config
+        self.hooks = hooks
         self.device = pick_device(config.device)
         self.compile = self.device.type == "cuda" if config.compile is None else config.compile
-        if self.compile and self.device.type != "cuda" and "backend" not in self.compile_options:
+        if self.compile and self.device.type != "cuda" and "backend" not in hooks.compile_options:
             raise ModelUnavailable("compile=True needs CUDA (sam3 compiles with CUDA graphs); use compile=False on CPU")
         self.warm_sizes = config.all_warm_sizes
         self.warm_up_seconds: dict[str, float] = {}
@@ -60,12 +72,13 @@ class Sam3Tracker:
             if self.compile:
                 from serve_app.trackers.sam3.compile import Compiled
 
-                self.compiled = Compiled(config.max_objects, **self.compile_options)
+                self.compiled = Compiled(config.max_objects, **hooks.compile_options)
                 self.compiled.install(model)
-            self._on_build(model)
+            hooks.on_build(model)
             return model
 
-        self._worker = ModelWorker(build, max_pending=config.max_pending, max_sessions=config.sessions)
+        self._worker = ModelWorker(build, max_pending=config.max_pending, name="sam3-model",
+                                   max_sessions=config.sessions)
         self.hotstart_delay = int(self._worker.model.hotstart_delay)
         self.warm_frames = config.warm_frames or self.hotstart_delay + 2
         if self.compile if config.warm_up is None else config.warm_up:
@@ -123,7 +136,7 @@ class Sam3Tracker:
             session = Session(model, frames, num_frames, height, width, trim=self.config.trim_memory)
             around = self.compiled.serving if self.compiled else contextlib.nullcontext
             for _ in session.steps(prompt, emit, settings, around):
-                self._after_frame(session, last[0])  # the frame was emitted and the session trimmed
+                self.hooks.after_frame(session, last[0])  # the frame was emitted and the session trimmed
                 job.checkpoint()
                 yield
             if session.emitted != num_frames - 1:
@@ -145,12 +158,6 @@ class Sam3Tracker:
             if stats["dropped"]:
                 log.info("SAM 3 tracked at most %d objects (max_objects); %d detections were turned away",
                          stats["tracked"], stats["dropped"])
-
-    def _on_build(self, model) -> None:
-        """Called on the model thread once the model is built (testkit/sam3.py hooks in)."""
-
-    def _after_frame(self, session, outputs: dict) -> None:
-        """Called on the model thread after each emitted frame (testkit/sam3.py records)."""
 
     # -- lifecycle --------------------------------------------------------------------------
     def warm_up(self, sizes: Sequence[tuple[int, int]] | None = None) -> dict[str, float]:
@@ -195,10 +202,6 @@ class Sam3Tracker:
     def check_health(self) -> None:
         """Raise if the model thread has died (the replica must be replaced)."""
         self._worker.check()
-
-    def call(self, fn, timeout: float | None = None):
-        """Run `fn(model)` on the model thread (benchmarks and tests read model state so)."""
-        return self._worker.call(fn, timeout)
 
     def close(self) -> None:
         self._worker.stop()
