@@ -131,9 +131,14 @@ def test_a_job_cancelled_while_queued_never_runs(worker):
 
 
 def test_a_full_queue_is_refused_and_the_worker_keeps_serving(worker):
-    gate = threading.Event()
-    worker.submit(lambda model: gate.wait(5))   # occupies the model thread
-    time.sleep(0.05)
+    running, gate = threading.Event(), threading.Event()
+
+    def occupy(model):  # holds the model thread until the gate opens
+        running.set()
+        gate.wait(5)
+
+    worker.submit(occupy)
+    assert running.wait(5)  # off the queue: max_pending more fit in it
     waiting = [worker.submit(lambda model: None) for _ in range(2)]  # max_pending=2 now waiting
     with pytest.raises(Overloaded, match="2 jobs are already waiting"):
         worker.submit(lambda model: None)
@@ -185,26 +190,36 @@ def test_pull_raises_cancelled_once_the_request_cancels():
 
 
 # -- several sessions on one model thread ---------------------------------------------------------
-def stepped_job(name, log, delay=0.0):
-    """echo_job as a session: a step per frame, so the worker can interleave it with others."""
-    return lambda model, job: echo_frames(model, job, name, delay, log)
+def stepped_job(name, log, delay=0.0, running=None):
+    """echo_job as a session: a step per frame, so the worker can interleave it with others.
+    `running` (an Event) is set once its first frame is out."""
+
+    def session(model, job):
+        for step in echo_frames(model, job, name, delay, log):
+            if running is not None:
+                running.set()
+            yield step
+
+    return session
 
 
-def run_in_threads(worker, jobs):
-    """{name: frames} run as concurrent requests; returns {name: (frame indices, seconds)}."""
+def run_in_threads(worker, jobs, log):
+    """{name: (delay per frame, frames)} run as concurrent requests, in this order: each one
+    is sent once the one before it has a frame out. Returns {name: (frame indices, seconds)}."""
     out = {}
 
-    def request(name, n):
+    def request(name, delay, n, running):
         start = time.perf_counter()
-        frames = [r[1] for r in stream(worker, jobs[name], chunks(n))]
+        frames = [r[1] for r in stream(worker, stepped_job(name, log, delay, running), chunks(n))]
         out[name] = (frames, time.perf_counter() - start)
 
     threads = []
-    for name, (job, n) in list(jobs.items()):
-        jobs[name] = job
-        threads.append(threading.Thread(target=request, args=(name, n)))
+    for name, (delay, n) in jobs.items():
+        running = threading.Event()
+        threads.append(threading.Thread(target=request, args=(name, delay, n, running)))
         threads[-1].start()
-        time.sleep(0.02)  # in this order
+        if len(threads) < len(jobs):
+            assert running.wait(5)
     for t in threads:
         t.join(10)
     return out
@@ -219,7 +234,7 @@ def shared():
 
 def test_sessions_take_turns_frame_by_frame_on_the_model_thread(shared):
     log = []
-    out = run_in_threads(shared, {n: (stepped_job(n, log, delay=0.005), 12) for n in ("a", "b", "c")})
+    out = run_in_threads(shared, {n: (0.005, 12) for n in ("a", "b", "c")}, log)
     assert {name: frames for name, (frames, _) in out.items()} == {n: list(range(12)) for n in "abc"}
     assert shared.model.most_running == 3 and shared.most_sessions == 3
     # Once all three run, none does two frames in a row while another has frames left.
@@ -229,8 +244,7 @@ def test_sessions_take_turns_frame_by_frame_on_the_model_thread(shared):
 
 def test_a_short_job_is_not_stuck_behind_a_long_one(shared):
     log = []
-    out = run_in_threads(shared, {"long": (stepped_job("long", log, delay=0.01), 200),
-                                  "short": (stepped_job("short", log, delay=0.01), 10)})
+    out = run_in_threads(shared, {"long": (0.01, 200), "short": (0.01, 10)}, log)
     assert out["short"][0] == list(range(10)) and out["long"][0] == list(range(200))
     assert out["short"][1] < out["long"][1] / 5  # about 20 frames' time against 210
     done_at = log.index(("short", 9))
@@ -241,7 +255,7 @@ def test_sessions_beyond_the_limit_wait_their_turn():
     w = ModelWorker(EchoModel, max_pending=4, max_sessions=2)
     try:
         log = []
-        out = run_in_threads(w, {n: (stepped_job(n, log, delay=0.005), 30) for n in "abc"})
+        out = run_in_threads(w, {n: (0.005, 30) for n in "abc"}, log)
         assert all(frames == list(range(30)) for frames, _ in out.values())
         assert w.model.most_running == 2
     finally:
@@ -251,15 +265,16 @@ def test_sessions_beyond_the_limit_wait_their_turn():
 def test_a_cancelled_session_is_closed_on_the_model_thread_and_the_others_go_on(shared):
     log = []
     other = {}
+    b_running = threading.Event()
 
     def request():
-        other["frames"] = [r[1] for r in stream(shared, stepped_job("b", log, delay=0.005), chunks(40))]
+        other["frames"] = [r[1] for r in stream(shared, stepped_job("b", log, 0.005, b_running), chunks(40))]
 
     thread = threading.Thread(target=request)
     results = stream(shared, stepped_job("a", log, delay=0.005), chunks(1000))
     next(results)
     thread.start()
-    time.sleep(0.05)
+    assert b_running.wait(5)  # the two sessions share the model thread
     results.close()  # returns once "a" cleaned up
     assert "a" in shared.model.cleaned
     thread.join(10)
@@ -298,13 +313,15 @@ def test_a_session_waiting_for_its_decoder_does_not_hold_up_the_others(shared):
 
     out = {}
 
-    def request(name, source):
+    def request(name, source, running=None):
         start = time.perf_counter()
-        out[name] = ([r[1] for r in stream(shared, stepped_job(name, log), source)], time.perf_counter() - start)
+        job = stepped_job(name, log, running=running)
+        out[name] = ([r[1] for r in stream(shared, job, source)], time.perf_counter() - start)
 
-    slow = threading.Thread(target=request, args=("slow", slow_input(20)))
+    slow_running = threading.Event()
+    slow = threading.Thread(target=request, args=("slow", slow_input(20), slow_running))
     slow.start()
-    time.sleep(0.15)
+    assert slow_running.wait(5)  # its first frame is out: from here on it waits for its decoder
     fast = threading.Thread(target=request, args=("fast", chunks(200)))
     fast.start()
     fast.join(10)
