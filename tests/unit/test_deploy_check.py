@@ -402,3 +402,6 @@ def test_a_plain_install_checks_the_rayservice_with_its_own_crd_schema(tmp_path)
         str(RAYSERVICE)], cwd=elsewhere, env=env, capture_output=True, text=True)
     assert run.returncode == 0 and run.stderr.endswith(f"ok: {RAYSERVICE}\n"), run.stderr
     assert pathlib.Path(run.stdout.strip()).is_relative_to(target)
+    palette = subprocess.run([sys.executable, "-c", "from serve_app.video.palette import COLORS; print(COLORS.shape)"],
+                             cwd=elsewhere, env=env, capture_output=True, text=True)
+    assert palette.stdout.strip() == "(128, 3)", palette.stderr  # the overlay colours travel as package data too

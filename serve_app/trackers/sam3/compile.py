@@ -56,7 +56,7 @@ def bucket_of(n: int, sizes: tuple[int, ...]) -> int:
 
 
 class RecompileMetric:
-    """sam3_video_recompiles{part}: a no-op outside a Ray worker, as serve_app/api/metrics.py."""
+    """sam3_video_recompiles{part}: a no-op outside a Ray worker, as serve_app/metrics.py."""
 
     def __init__(self) -> None:
         self._counter = None
