@@ -31,7 +31,7 @@ def forced_objects(count: int) -> dict[str, Any]:
 class Sam3Hooks:
     """What tests and benchmarks attach to a Sam3Tracker (testkit/sam3.py): options for
     compile.Compiled (a CPU backend), and calls on the model thread once the model is built
-    and after each emitted frame (the session trimmed). These do nothing."""
+    and after each emitted frame (the session trimmed). The defaults do nothing."""
 
     compile_options: Mapping[str, Any] = {}
 
