@@ -14,7 +14,6 @@ consumer of each stream holds its producer's handle (docs/design.md).
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -61,6 +60,7 @@ class AppArgs(BaseModel):
     # Keyed by the peer address the proxy sees: behind a load balancer that is the balancer's,
     # so set 0 (no cap per client) there.
     max_uploads_per_client: int = Field(8, ge=0, description="Of those, from one client address; 0: no cap.")
+    max_downloads_per_ingress: int = Field(32, ge=1, description="Async job files one ingress replica sends at once.")
     # An upload is dropped (408) after this long without a byte, or when, past this long, it
     # has averaged less than upload_min_bytes_per_s: idle connections cannot hold the ingress.
     upload_idle_s: float = Field(15.0, gt=0)
@@ -71,6 +71,8 @@ class AppArgs(BaseModel):
     job_store: str = Field("~/.local/share/sam3-video/jobs", description="fsspec URL: a directory, s3://..., gs://...")
     job_db: str | None = Field(None, description="SQLAlchemy URL, e.g. postgresql+psycopg://...; default SQLite in job_store.")
     job_ttl_s: float = Field(24 * 3600.0, gt=0, description="Jobs and their files are deleted this long after submission.")
+    # An upload is refused (507) unless it fits with room for its outputs and this to spare.
+    job_min_free_bytes: int = Field(1 << 30, ge=0, description="Bytes a local job_store keeps free.")
     max_queued_jobs: int = Field(100, ge=1, description="Async jobs waiting beyond this are refused with 429.")
     job_stale_s: float = Field(60.0, gt=0, description="A running job silent this long is queued again once, then failed.")
     # Requests Serve's proxy holds for a busy ingress; past it the proxy answers 429 +
@@ -89,6 +91,8 @@ class AppArgs(BaseModel):
     mask_encoder_preset: str = Field("ultrafast", description="libx264 preset for mask videos.")
     limits: Limits = Field(default_factory=Limits)
     auth_tokens_env: str = Field("SAM3_VIDEO_TOKENS", description="Env var with comma-separated bearer tokens; unset = no auth.")
+    # A job belongs to the token that submitted it; these tokens see and delete every job.
+    admin_tokens_env: str = Field("SAM3_VIDEO_ADMIN_TOKENS", description="Env var with comma-separated admin tokens.")
     graceful_shutdown_timeout_s: float = Field(5.0, ge=0, description="How long a stopping ingress or decoder "
                                                "replica waits for its requests.")
     # A tracker replica that autoscaling retires still runs jobs that take minutes on a GPU:
@@ -146,16 +150,18 @@ def build_app(args: dict[str, Any] | AppArgs | None = None):
     ).bind(tracker, {"overlay": a.encoder_preset, "mask": a.mask_encoder_preset})
     # The ingress answers over-capacity jobs itself (429 + Retry-After, before reading the body)
     # up to twice its upload and job slots; past that the proxy queues a bounded number more.
-    slots = a.max_uploads_per_ingress + a.max_inflight_per_ingress
+    slots = a.max_uploads_per_ingress + a.max_inflight_per_ingress + a.max_downloads_per_ingress
     return IngressDeployment.options(
         ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=slots * 2,
         max_queued_requests=a.ingress_max_queued_requests,
         backpressure_config={"status_code": 429, "retry_after_s": a.retry_after_s}, **quick_stop
     ).bind(encoder, IngressSettings(
-        limits=a.limits, auth_tokens_env=a.auth_tokens_env, max_jobs=a.max_inflight_per_ingress,
-        max_uploads=a.max_uploads_per_ingress, max_uploads_per_client=a.max_uploads_per_client,
-        retry_after_s=a.retry_after_s, pace=Pace(a.upload_idle_s, a.upload_min_bytes_per_s),
-        job_timeout_s=a.job_timeout_s, job_store=a.job_store, job_db=a.job_db, job_ttl_s=a.job_ttl_s,
+        limits=a.limits, auth_tokens_env=a.auth_tokens_env, admin_tokens_env=a.admin_tokens_env,
+        max_jobs=a.max_inflight_per_ingress, max_uploads=a.max_uploads_per_ingress,
+        max_uploads_per_client=a.max_uploads_per_client, max_downloads=a.max_downloads_per_ingress,
+        retry_after_s=a.retry_after_s,
+        pace=Pace(a.upload_idle_s, a.upload_min_bytes_per_s), job_timeout_s=a.job_timeout_s, job_store=a.job_store,
+        job_db=a.job_db, job_ttl_s=a.job_ttl_s, job_min_free_bytes=a.job_min_free_bytes,
         max_queued_jobs=a.max_queued_jobs, job_stale_s=a.job_stale_s))
 
 
@@ -176,7 +182,6 @@ def start_app(app_args: dict[str, Any], address: str | None = None, http: tuple[
 
     from serve_app.api.proxy import install_env
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     install_env()  # the HTTP proxy's body cap; only proxies started after this load it
     if not ray.is_initialized():
         if address:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from typing import Any
 
@@ -156,7 +157,10 @@ def _serve(args: argparse.Namespace) -> None:
     from serve_app.app import start_app
 
     start_app(_app_args(args, joining=bool(args.address)), address=args.address, http=(args.host, args.port))
-    print(f"serving POST http://{args.host}:{args.port}/v2/job (Ctrl-C stops)", file=sys.stderr)
+    # After ray.init: Ray's own SIGTERM handler exits at once, and a stop must let the replicas
+    # hand their running async jobs back to the queue.
+    signal.signal(signal.SIGTERM, _interrupt)
+    print(f"serving POST http://{args.host}:{args.port}/v2/job (Ctrl-C or SIGTERM stops)", file=sys.stderr)
     try:
         while True:
             time.sleep(3600)
@@ -164,6 +168,10 @@ def _serve(args: argparse.Namespace) -> None:
         from ray import serve
 
         serve.shutdown()
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def _synth(args: argparse.Namespace) -> None:

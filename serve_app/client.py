@@ -6,6 +6,7 @@ import contextlib
 import json
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
 
@@ -50,12 +51,27 @@ def segment_via_url(url: str, video: bytes, config: JobConfig, token: str | None
     return {name: _call("GET", f"{base}/{job['id']}/output/{name}", None, headers) for name in names}, job
 
 
+class _SameOrigin(urllib.request.HTTPRedirectHandler):
+    """Redirects within the service's origin only: urllib would send the bearer token on to
+    wherever a redirect points."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        origin = [urllib.parse.urlsplit(u)[:2] for u in (req.full_url, newurl)]
+        if origin[0] != origin[1]:
+            raise ServiceError(f"{req.full_url} redirected to {newurl}, another origin; not followed, so the "
+                               "token goes nowhere else")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+_OPENER = urllib.request.build_opener(_SameOrigin)
+
+
 def _call(method: str, url: str, body: bytes | None, headers: dict[str, str]) -> bytes:
     """One request; 429 waits Retry-After and tries again (10 times), as the official client does."""
     request = urllib.request.Request(url, data=body, method=method, headers=headers)
     for attempt in range(10):
         try:
-            with urllib.request.urlopen(request, timeout=300) as response:
+            with _OPENER.open(request, timeout=300) as response:
                 return response.read()
         except urllib.error.HTTPError as exc:
             if exc.code == 429 and attempt < 9:

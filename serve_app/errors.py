@@ -113,6 +113,12 @@ class ModelUnavailable(ServiceError):
     code = "model_unavailable"
 
 
+class InsufficientStorage(ServiceError):
+    """The async jobs' store has no room for the job's files."""
+
+    code = "insufficient_storage"
+
+
 class StoreUnavailable(ServiceError):
     """The async jobs' database or file store cannot be used (a setting, a server, permissions)."""
 
@@ -136,6 +142,7 @@ HTTP_STATUS: tuple[tuple[type[ServiceError], int], ...] = (
     (ClientGone, 499),
     (ModelUnavailable, 503),
     (StoreUnavailable, 503),
+    (InsufficientStorage, 507),
     (JobTimeout, 504),
     (ModelError, 500),
 )

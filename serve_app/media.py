@@ -9,12 +9,13 @@ metadata, so the output has the input's width, height and display matrix.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 from fractions import Fraction
 
 import numpy as np
 
-from serve_app.errors import JobTimeout
+from serve_app.errors import ClientGone, JobTimeout
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,7 @@ class Detections:
 
 
 STAGES = ("probe", "decode", "track", "composite", "encode", "total")
+OWNER_CHECK_S = 2.0
 CHUNK_BYTES = 64 << 20  # a chunk's decoded frames at most: 16 frames of 720p, 10 of 1080p, 2 of 4K
 
 
@@ -136,14 +138,24 @@ class StageTimings:
 
 @dataclass(frozen=True)
 class Deadline:
-    """When a job must be done by (time.time()); every stage checks it between frames."""
+    """When a job must be done by (time.time()); every stage checks it between frames. With an
+    `owner` (the actor that asked for the job: its ingress replica), the check also stops a job
+    whose owner has died, within OWNER_CHECK_S: nobody is left to take its answer."""
 
     at: float
     seconds: float  # the job's allowance, for the message
+    owner: Any = None
+    _checked: list[float] = field(default_factory=lambda: [time.monotonic()], compare=False, repr=False)
 
     def check(self, frame: int) -> None:
         if time.time() > self.at:
             raise self.passed(frame)
+        if self.owner is not None and time.monotonic() - self._checked[0] > OWNER_CHECK_S:
+            from serve_app.ray_compat import actor_alive
+
+            self._checked[0] = time.monotonic()
+            if not actor_alive(self.owner):
+                raise ClientGone(f"the replica that asked for this job is gone; stopped at frame {frame}")
 
     def passed(self, frame: int | None = None) -> JobTimeout:
         where = "" if frame is None else f" at frame {frame}"

@@ -47,3 +47,15 @@ def kuberay_group_resources(group: dict, is_head: bool) -> dict:  # ray/autoscal
 def prefer_local_routing(handle: Any) -> None:  # ray/serve/handle.py: an init option of an unused handle
     with contextlib.suppress(AttributeError, RuntimeError, TypeError):  # local testing mode's handle, or one routing
         handle._init(_prefer_local_routing=True)
+
+
+def actor_alive(handle: Any, timeout_s: float = 5.0) -> bool:  # ray/actor.py: every actor's __ray_ready__
+    import ray
+    from ray.exceptions import GetTimeoutError, RayActorError
+    try:
+        ray.get(handle.__ray_ready__.remote(), timeout=timeout_s)
+    except RayActorError:
+        return False
+    except GetTimeoutError:  # busy, not gone
+        pass
+    return True

@@ -1,5 +1,6 @@
 import os
 import pathlib
+import shutil
 
 import pytest
 
@@ -50,6 +51,7 @@ def bikes(clips_dir) -> pathlib.Path:
 # Bearer tokens the "strict" test app accepts; set before Ray starts so its replicas see them.
 TEST_TOKENS_ENV = "SAM3_VIDEO_TEST_TOKENS"
 TEST_TOKEN = "test-token-1"
+TEST_ADMIN_ENV, TEST_ADMIN_TOKEN = "SAM3_VIDEO_TEST_ADMIN_TOKENS", "test-admin-1"
 
 
 @pytest.fixture(scope="session")
@@ -57,9 +59,11 @@ def cluster():
     """A real local Ray cluster with Serve's HTTP proxy on a free port, once per session."""
     from tests.serving import start_cluster, stop_cluster
 
-    cluster = start_cluster({TEST_TOKENS_ENV: f"{TEST_TOKEN},test-token-2"})
+    cluster = start_cluster({TEST_TOKENS_ENV: f"{TEST_TOKEN},test-token-2", TEST_ADMIN_ENV: TEST_ADMIN_TOKEN})
     yield cluster
     stop_cluster()
+    for store in cluster.stores.values():  # the apps' job stores (temporary folders)
+        shutil.rmtree(store, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from email.parser import BytesParser
 from email.policy import HTTP
@@ -25,6 +27,7 @@ REPO = Path(__file__).resolve().parent.parent
 TEST_APP_ARGS: dict[str, Any] = {
     "tracker": SCRIPTED_TRACKER,
     "graceful_shutdown_timeout_s": 0.5, "tracker_drain_timeout_s": 0.5,
+    "job_min_free_bytes": 0,  # a test machine's disk may be small; test_full_disk.py sets its own
 }
 
 
@@ -56,6 +59,17 @@ class Cluster:
             serve.run(build_app({**TEST_APP_ARGS, **app_args}), name=name, route_prefix=route_prefix)
             self.apps[name] = self.base + route_prefix.rstrip("/")
         return self.apps[name]
+
+    @contextmanager
+    def one_off(self, name: str, route_prefix: str, **app_args: Any) -> Iterator[str]:
+        """An app for one test, deleted after it: each app holds ~2 of the cluster's 16 logical CPUs."""
+        from ray import serve
+
+        try:
+            yield self.deploy(name, route_prefix, **app_args)
+        finally:
+            serve.delete(name)
+            self.apps.pop(name, None)
 
 
 def start_cluster(env: dict[str, str] | None = None) -> Cluster:

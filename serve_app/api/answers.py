@@ -54,7 +54,7 @@ class JobRecord:
 def async_job_json(row, config: JobConfig | None = None) -> dict[str, Any]:
     """An async job's JSON (serve_app/jobs/store.py JobRow): its state, progress and outcome."""
     now = time.time()
-    elapsed = (row.finished_at or now) - (row.started_at or now)
+    elapsed = (row.finished_at or now) - row.started_at if row.started_at else 0.0  # waiting: not yet
     done, total = row.frames_done, row.frames_total
     body: dict[str, Any] = {
         "id": row.id, "type": JOB_TYPE,

@@ -12,17 +12,20 @@ Everything /v2/job checks (auth, limits, the probe's refusals) is checked before
 
 from __future__ import annotations
 
+import asyncio
 import re
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from serve_app.api.answers import JobRecord, async_job_json
 from serve_app.api.upload import MULTIPART_SLACK, read_multipart, receive
 from serve_app.contract import parse_job
-from serve_app.errors import NotFound
+from serve_app.errors import JobNotDone, NotFound, Overloaded
+from serve_app.jobs.service import ANYONE
 
 RANGE = re.compile(r"bytes=(\d*)-(\d*)")
+CHUNK = 1 << 20
 
 
 async def submit(request: Request, job: JobRecord):
@@ -31,12 +34,13 @@ async def submit(request: Request, job: JobRecord):
                                                service.limits.max_bytes, service.pace), MULTIPART_SLACK,
                        wait=True) as upload:
         job.config = parse_job(upload.job).config
-        row = await jobs.enqueue(upload.path, job.config)
+        owner = request.state.owner
+        row = await jobs.enqueue(upload.path, job.config, None if owner is ANYONE else owner)
     return JSONResponse(async_job_json(row, job.config), status_code=201)
 
 
 async def _row(request: Request):
-    return await request.app.state.jobs.get(request.path_params["id"])
+    return await request.app.state.jobs.get(request.path_params["id"], request.state.owner)
 
 
 async def state(request: Request, job: JobRecord):
@@ -47,33 +51,80 @@ async def job_json(request: Request, job: JobRecord):
     return JSONResponse(async_job_json(await _row(request)))
 
 
+async def _processed(request: Request):
+    row = await _row(request)
+    if row.state != "processed":
+        raise JobNotDone(f"job {row.id} is {row.state}{': ' + row.error if row.error else ''}; "
+                         "its outputs come once it is processed")
+    return row
+
+
 async def outputs(request: Request, job: JobRecord):
-    return JSONResponse((await _row(request)).outputs)
+    return JSONResponse((await _processed(request)).outputs)
 
 
 async def output(request: Request, job: JobRecord):
-    row, name = await _row(request), request.path_params["filename"]
+    row, name = await _processed(request), request.path_params["filename"]
     if name not in row.outputs:
         raise NotFound(f"job {row.id} has no output {name[:64]!r}; it has {row.outputs}")
     store = request.app.state.jobs.store
     size = await store.size(row.id, name)
     if size is None:  # deleted or expired since the row was read
         raise NotFound(f"job {row.id}'s {name} is gone")
-    media = "video/mp4" if name.endswith(".mp4") else "application/json"
+    headers = {"Accept-Ranges": "bytes"}
+    start, end, status = 0, size, 200
     wanted = RANGE.fullmatch(request.headers.get("range", "").strip())
-    if not wanted or wanted.groups() == ("", ""):
-        return Response(await store.read(row.id, name), media_type=media, headers={"Accept-Ranges": "bytes"})
-    first, last = wanted.groups()
-    start = int(first) if first else max(size - int(last), 0)  # "bytes=-N": the last N bytes
-    end = min(int(last) + 1 if first and last else size, size)
-    if start >= size or start >= end:
-        return Response(status_code=416, headers={"Content-Range": f"bytes */{size}"})
-    return Response(await store.read(row.id, name, start, end), status_code=206, media_type=media,
-                    headers={"Accept-Ranges": "bytes", "Content-Range": f"bytes {start}-{end - 1}/{size}"})
+    if wanted and wanted.groups() != ("", ""):
+        first, last = wanted.groups()
+        if max(len(first), len(last)) > 18:  # past any file's size (and int()'s digit limit)
+            return Response(status_code=416, headers={"Content-Range": f"bytes */{size}"})
+        start = int(first) if first else max(size - int(last), 0)  # "bytes=-N": the last N bytes
+        end = min(int(last) + 1 if first and last else size, size)
+        if start >= size or start >= end:
+            return Response(status_code=416, headers={"Content-Range": f"bytes */{size}"})
+        status, headers["Content-Range"] = 206, f"bytes {start}-{end - 1}/{size}"
+    downloads = request.app.state.service.downloads
+    if not downloads.acquire():
+        raise Overloaded(f"this replica is sending {downloads.used} downloads, the most it takes; retry later",
+                         downloads.retry_after_s)
+    try:
+        file = await store.open(row.id, name)
+    except BaseException:
+        downloads.release()
+        raise
+    return Download(file, start, end, downloads.release, status_code=status, headers=headers,
+                    media_type="video/mp4" if name.endswith(".mp4") else "application/json")
+
+
+class Download(StreamingResponse):
+    """A file's bytes [start, end) read from the store one chunk at a time (a download costs the
+    ingress one chunk of memory, whatever the file's size); `release` once it has been sent, cut
+    off or never started."""
+
+    def __init__(self, file, start: int, end: int, release, **kwargs) -> None:
+        self.file, self.release = file, release
+        super().__init__(self._chunks(start, end), **kwargs)
+        self.headers["content-length"] = str(end - start)
+
+    async def _chunks(self, start: int, end: int):
+        await asyncio.to_thread(self.file.seek, start)
+        while start < end:
+            data = await asyncio.to_thread(self.file.read, min(CHUNK, end - start))
+            if not data:
+                return
+            start += len(data)
+            yield data
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.release()
+            await asyncio.to_thread(self.file.close)
 
 
 async def cancel(request: Request, job: JobRecord):
-    await request.app.state.jobs.delete(request.path_params["id"])
+    await request.app.state.jobs.delete(request.path_params["id"], request.state.owner)
     return Response(status_code=204)
 
 

@@ -9,6 +9,7 @@ API below call them.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import logging
 import os
@@ -23,12 +24,13 @@ from typing import Any
 
 from ray import serve
 
+from serve_app import spool
 from serve_app.api.answers import async_job_json
 from serve_app.api.upload import Pace
 from serve_app.contract import JobConfig, Limits, parse_config, size
 from serve_app.errors import ModelError, Overloaded, ServiceError, Unauthorized, UploadTooLarge
 from serve_app.graph.wire import JobProgress, SegmentResult, VideoRef
-from serve_app.jobs.service import AsyncJobs
+from serve_app.jobs.service import ANYONE, AsyncJobs
 from serve_app.jobs.store import JobStore
 from serve_app.media import Deadline, VideoInfo
 from serve_app.metrics import StageMetrics
@@ -84,14 +86,17 @@ class IngressSettings:
 
     limits: Limits
     auth_tokens_env: str
+    admin_tokens_env: str
     max_jobs: int
     max_uploads: int
     max_uploads_per_client: int
+    max_downloads: int
     retry_after_s: int
     pace: Pace
     job_timeout_s: float
     job_store: str
     job_db: str | None
+    job_min_free_bytes: int
     job_ttl_s: float
     max_queued_jobs: int
     job_stale_s: float
@@ -104,16 +109,22 @@ class SegmentService:
     tokens: set[str]                # bearer tokens; empty: no auth
     jobs: Slots                     # jobs whose input has arrived
     uploads: Slots                  # bodies being received; a stalled one is dropped (pace)
+    downloads: Slots                # async jobs' files being sent
     pace: Pace
     job_timeout_s: float
     metrics: StageMetrics = field(default_factory=StageMetrics)
+    admins: set[str] = field(default_factory=set)  # tokens that see every async job
 
-    def check_auth(self, header: str | None) -> None:
-        if not self.tokens:
-            return
+    def check_auth(self, header: str | None) -> object:
+        """The caller's owner of async jobs: its token's SHA-256, or ANYONE (auth off, an admin)."""
+        if not self.tokens and not self.admins:
+            return ANYONE
         scheme, _, token = (header or "").partition(" ")
-        if scheme.lower() != "bearer" or not any(hmac.compare_digest(token.strip(), t) for t in self.tokens):
+        given = token.strip().encode("utf-8", "surrogateescape")  # any byte a header may carry
+        known = [t for t in self.tokens | self.admins if hmac.compare_digest(given, t.encode())]
+        if scheme.lower() != "bearer" or not known:
             raise Unauthorized("missing or invalid bearer token (Authorization: Bearer <token>)")
+        return ANYONE if known[0] in self.admins else hashlib.sha256(given).hexdigest()
 
     async def probe(self, path: str) -> VideoInfo:
         from serve_app.video.probe import probe
@@ -133,7 +144,8 @@ class SegmentService:
         probe_ms = (time.perf_counter() - start) * 1e3
         if video is None:  # up to 100 MB read and put: not on the event loop
             video = await asyncio.to_thread(lambda: VideoRef.put(Path(path).read_bytes()))
-        deadline = Deadline(time.time() + self.job_timeout_s, self.job_timeout_s)
+        # The stages stop at the deadline, or within seconds of this replica's death (its owner).
+        deadline = Deadline(time.time() + self.job_timeout_s, self.job_timeout_s, _this_actor())
         response = self.encoder.options(stream=True).segment.remote(video, info, config, deadline)
         try:
             # The stages stop themselves at the deadline; this answers even if one is stuck.
@@ -213,6 +225,16 @@ async def _last(stream, on_progress) -> SegmentResult:
             stream.cancel()
 
 
+def _this_actor() -> Any:
+    """This replica's actor handle; None outside an actor (local testing mode, a driver)."""
+    import ray
+
+    try:
+        return ray.get_runtime_context().current_actor if ray.is_initialized() else None
+    except RuntimeError:
+        return None
+
+
 def _replica_died(exc: BaseException) -> ModelError:
     """Names the stage whose replica died (Ray's ActorDiedError quotes its actor class,
     ServeReplica:<app>:<Deployment>), not Ray's wrapper types."""
@@ -232,12 +254,16 @@ class IngressDeployment:
 
     async def __init__(self, encoder: Any, settings: IngressSettings) -> None:
         s = settings
-        tokens = {t.strip() for t in os.environ.get(s.auth_tokens_env, "").split(",") if t.strip()}
-        store = await asyncio.to_thread(JobStore, os.path.expanduser(s.job_store), s.job_db)  # fails the replica here
+        await asyncio.to_thread(spool.sweep)  # what replicas killed on this node left
+        tokens, admins = ({t.strip() for t in os.environ.get(env, "").split(",") if t.strip()}
+                          for env in (s.auth_tokens_env, s.admin_tokens_env))
+        store = await asyncio.to_thread(JobStore, os.path.expanduser(s.job_store), s.job_db,  # fails the replica here
+                                        min_free_bytes=s.job_min_free_bytes)
         self.service = SegmentService(
             encoder, s.limits, tokens, Slots(s.max_jobs, "jobs running", s.retry_after_s),
-            Slots(s.max_uploads, "uploads arriving", s.retry_after_s, s.max_uploads_per_client), s.pace,
-            s.job_timeout_s)
+            Slots(s.max_uploads, "uploads arriving", s.retry_after_s, s.max_uploads_per_client),
+            Slots(s.max_downloads, "downloads", s.retry_after_s), s.pace,
+            s.job_timeout_s, admins=admins)
         self.jobs = AsyncJobs(store, self.service, max_queued=s.max_queued_jobs, stale_s=s.job_stale_s,
                               ttl_s=s.job_ttl_s)
         self.jobs.start()

@@ -17,6 +17,7 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, PlainTextResponse
 from starlette.routing import Route
@@ -48,9 +49,29 @@ def make_app(service, jobs) -> Starlette:
             Route("/", page, methods=["GET"]),
         ],
         exception_handlers={ServiceError: render_error, HTTPException: render_error},
+        middleware=[Middleware(Headers)],
     )
+    app.router.redirect_slashes = False  # exact routes: a trailing slash is a 404, not a redirect
     app.state.service, app.state.jobs = service, jobs
     return app
+
+
+class Headers:
+    """On every answer: no content sniffing, and nothing cached (job JSON changes, files are
+    deleted at their TTL, a 404 may not stay one)."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        extra = [(b"x-content-type-options", b"nosniff"), (b"cache-control", b"no-store")]
+
+        async def send_with(message):
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), *extra]}
+            await send(message)
+
+        await self.app(scope, receive, send_with)
 
 
 async def health(request: Request) -> PlainTextResponse:
@@ -59,7 +80,7 @@ async def health(request: Request) -> PlainTextResponse:
 
 async def page(request: Request) -> HTMLResponse:
     """A page to try the service in a browser (api/page.html): no build step, nothing external."""
-    return HTMLResponse(PAGE.read_text())
+    return HTMLResponse(PAGE.read_text(), headers={"Content-Security-Policy": "frame-ancestors 'none'"})
 
 
 def job_route(endpoint):
@@ -68,11 +89,9 @@ def job_route(endpoint):
     checked, and any failure turned into a ServiceError for the one exception handler."""
 
     async def run(request: Request):
-        given = request.headers.get("x-request-id", "")
-        job = JobRecord(id=given) if REQUEST_ID.fullmatch(given.encode()) else JobRecord()
-        request.state.job = job
+        request.state.job = job = record(request)
         try:
-            request.app.state.service.check_auth(request.headers.get("authorization"))
+            request.state.owner = request.app.state.service.check_auth(request.headers.get("authorization"))
             return await endpoint(request, job)
         except ServiceError:
             raise
@@ -85,6 +104,12 @@ def job_route(endpoint):
             raise ServiceError(f"internal error; quote request id {job.id}") from exc
 
     return run
+
+
+def record(request: Request) -> JobRecord:
+    """The request's JobRecord, its id the caller's X-Request-ID when that is a plain token."""
+    given = request.headers.get("x-request-id", "")
+    return JobRecord(id=given) if REQUEST_ID.fullmatch(given.encode()) else JobRecord()
 
 
 def _echo(request: Request, job: JobRecord) -> dict[str, str]:
@@ -134,7 +159,7 @@ def _query_config(params) -> JobConfig:
 
 async def render_error(request: Request, exc: Exception):
     """The one exception handler: any error becomes its error-table answer."""
-    job: JobRecord = getattr(request.state, "job", None) or JobRecord()
+    job: JobRecord = getattr(request.state, "job", None) or record(request)
     headers = _echo(request, job)
     if isinstance(exc, HTTPException):  # the router's: no such route, or not with this method
         headers |= exc.headers or {}

@@ -148,6 +148,16 @@ class _Parts:
                 raise InvalidJob(f"job part is over {JOB_PART_LIMIT // 1024} KB")
 
 
+def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object that names a key once: with two, which one wins is a guess (400 instead)."""
+    out = dict(pairs)
+    if len(out) < len(pairs):
+        seen: set[str] = set()
+        twice = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise InvalidJob(f"job part names {twice[:60]!r} more than once; send each key once")
+    return out
+
+
 async def read_multipart(stream: AsyncIterator[bytes], content_type: str, limit: int, pace: Pace = Pace()) -> Upload:
     from python_multipart.exceptions import FormParserError
     from python_multipart.multipart import MultipartParser, parse_options_header
@@ -177,7 +187,7 @@ async def read_multipart(stream: AsyncIterator[bytes], content_type: str, limit:
         if not parts.job:
             raise InvalidJob("job has no 'job' part; send the job JSON as a part named 'job'")
         try:
-            job = json.loads(parts.job)
+            job = json.loads(parts.job, object_pairs_hook=_unique)
         except RecursionError:
             raise InvalidJob("job part is nested too deeply to be a job") from None
         except (ValueError, UnicodeDecodeError) as exc:

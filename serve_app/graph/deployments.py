@@ -18,6 +18,7 @@ from typing import Any
 
 from ray import serve
 
+from serve_app import spool
 from serve_app.contract import JobConfig
 from serve_app.graph.pull import OpenReaders, RemoteDecoder, node_id
 from serve_app.graph.wire import JobProgress, PulledChunk, SegmentResult, VideoRef
@@ -90,6 +91,7 @@ class DecoderDeployment:
     def __init__(self, chunk_frames: int, readers: int, idle_s: float, ahead: int) -> None:
         from ray.serve.exceptions import RayServeException
 
+        spool.sweep()  # what replicas killed on this node left
         self.readers = OpenReaders(chunk_frames, capacity=readers, idle_s=idle_s, max_stash=ahead)
         self.readers.start_reaper()
         self.node = node_id()
@@ -152,13 +154,14 @@ class EncoderDeployment:
     """CPU: composites each frame's kept objects and encodes the mp4."""
 
     def __init__(self, tracker: Any, presets: dict[str, str]) -> None:
+        spool.sweep()  # what replicas killed on this node left
         self.tracker = tracker
         self.presets = {**DEFAULT_PRESETS, **presets}  # libx264 preset by mode
 
     @stoppable
     def segment(self, video: VideoRef, info: VideoInfo, config: JobConfig,
                 deadline: Deadline) -> Iterator[JobProgress | SegmentResult]:
-        """Streams how far it has got (every `PROGRESS_S`), then the result."""
+        """Streams how far it has got (from its first frame on, every `PROGRESS_S`), then the result."""
         batches = self.tracker.options(stream=True).track.remote(video, info, config, deadline)
         try:
             with spooled(video.get()) as src, spool_dir() as tmp:

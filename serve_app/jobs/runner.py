@@ -2,12 +2,11 @@
 shared store while the replica has job slots free, runs them through the same graph as
 /v2/job (its `JobHost`), and writes their progress, outputs and errors back.
 
-While a job runs, its record is updated every `beat_s` (frames done: job.json follows within a
-second; and a heartbeat), until its outputs are written. A record no longer processing (DELETE,
-or taken back by another replica's recover()) stops the job at once: its graph call is
-cancelled, so the tracker frees its session at the next frame; a deleted job's files go, a
-taken-back job's stay for its next run. Every `sweep_s` it also puts back jobs whose runner
-went silent and deletes jobs past their TTL.
+A running job's record is updated every `beat_s` (its progress, and a heartbeat) until its
+outputs are written. A record no longer processing (DELETE, or taken back by another replica's
+recover()) stops the job at once: its graph call is cancelled and the tracker frees its session
+at the next frame. Every `sweep_s` it puts back jobs whose runner went silent and deletes jobs
+past their TTL.
 """
 
 from __future__ import annotations
@@ -22,22 +21,21 @@ from collections.abc import Callable
 from typing import Protocol
 
 from serve_app.contract import JobConfig
-from serve_app.errors import Overloaded, ServiceError, http_status
+from serve_app.errors import Overloaded, ServiceError, StoreUnavailable, http_status
 from serve_app.graph.wire import JobProgress, SegmentResult
-from serve_app.jobs.store import AsyncJobStore, JobRow
+from serve_app.jobs.store import WAITING, AsyncJobStore, JobRow
 from serve_app.media import VideoInfo
 from serve_app.metrics import StageMetrics
 from serve_app.spool import Spool
 
 log = logging.getLogger("ray.serve")
 PROBES_KEPT = 256
+OUTPUT_ROOM = 2  # room kept for a job's outputs, in sizes of its input (an overlay mp4 is about one)
 
 
 class SlotPool(Protocol):
     retry_after_s: int
-
     def acquire(self) -> bool: ...
-
     def release(self) -> None: ...
 
 
@@ -47,14 +45,10 @@ class JobHost(Protocol):
 
     jobs: SlotPool
     metrics: StageMetrics
-
     async def probe(self, path: str) -> VideoInfo: ...
-
     async def run(self, path: str, config: JobConfig, *, info: VideoInfo | None = None,
                   on_progress: Callable[[JobProgress], None] | None = None) -> SegmentResult: ...
-
-    def finished(self, job_id: str, status: int, result: SegmentResult | None,
-                 exc: BaseException | None = None) -> None: ...
+    def finished(self, job_id: str, status: int, result: SegmentResult | None, exc: BaseException | None = None) -> None: ...
 
 
 class JobRunner:
@@ -67,6 +61,7 @@ class JobRunner:
         self.running: dict[str, asyncio.Task] = {}
         self.stopping = False
         self.swept = self.backoff_until = 0.0
+        self.orphans_swept = False
         self.wake = asyncio.Event()  # a job was submitted here: claim now, not at the next poll
         # VideoInfo of jobs submitted here, so the runner need not probe them again; bounded,
         # as a job may be deleted, expire or run on another replica first (then it is probed).
@@ -110,6 +105,9 @@ class JobRunner:
             self.swept = time.monotonic()
             await store.recover(self.stale_s)
             await store.expire(self.ttl_s)
+            if not self.orphans_swept:  # once a start: what dead writers left, with no record
+                await store.sweep()
+                self.orphans_swept = True
         self.host.metrics.jobs(await store.count("queued"), len(self.running))
         slots = self.host.jobs
         while time.monotonic() > self.backoff_until and slots.acquire():  # a slot first: a claimed job never waits
@@ -124,27 +122,28 @@ class JobRunner:
             self.running[row.id] = asyncio.create_task(self.run(row))
 
     async def run(self, row: JobRow) -> None:
-        progress, stage = JobProgress(0, row.frames_total), "tracking"
+        progress, stage, started = JobProgress(0, row.frames_total), WAITING, None
         task, store, host = asyncio.current_task(), self.store, self.host
 
-        def seen(p: JobProgress) -> None:
-            nonlocal progress
-            progress = p
+        def seen(p: JobProgress) -> None:  # the encoder's first report: it has started the job
+            nonlocal progress, stage, started
+            progress, stage, started = p, "tracking" if stage == WAITING else stage, started or time.time()
 
         async def beat() -> None:  # progress and heartbeat; a deleted job is stopped
             while True:
                 await asyncio.sleep(self.beat_s)
-                alive = await store.update(row.id, frames_done=progress.frames_done,
+                alive = await store.update(row.id, frames_done=progress.frames_done, started_at=started,
                                            frames_total=progress.frames_total, stage=stage)
                 if not alive:
                     task.cancel()
                     return
 
-        beating = asyncio.create_task(beat())
+        beating, written = asyncio.create_task(beat()), []
         try:
             with Spool() as local:
                 try:
                     await store.get_file(row.id, "input.mp4", local.done())
+                    await store.room(os.path.getsize(local.path) * OUTPUT_ROOM)  # no work whose outputs cannot fit
                     config = JobConfig.model_validate(row.config)
                     result = await host.run(local.path, config, info=self.probed.pop(row.id, None), on_progress=seen)
                 finally:
@@ -153,6 +152,7 @@ class JobRunner:
             await store.update(row.id, stage=stage, frames_done=result.num_frames)
             outputs = {"output.mp4": result.mp4, **({"objects.json": result.objects} if result.objects else {})}
             for name, data in outputs.items():
+                written.append(name)
                 await store.put_bytes(row.id, name, data)
             beating.cancel()
             finished = await store.finish(row.id, list(outputs), result.num_frames)
@@ -173,7 +173,12 @@ class JobRunner:
         except Exception as exc:
             error = exc if isinstance(exc, ServiceError) else ServiceError(f"internal error; quote job id {row.id}")
             host.finished(row.id, http_status(error), None, exc)
-            await store.fail(row.id, str(error), error.code)
+            for name in written:  # a failed job keeps no outputs (a full disk cut one off)
+                await store.remove(row.id, name)
+            try:
+                await store.fail(row.id, str(error), error.code)
+            except StoreUnavailable:  # its record cannot be written now: recover() retries it, then fails it
+                log.exception("async job %s failed and could not be marked so", row.id)
             host.metrics.job_done("failed", time.time() - row.created_at)
         finally:
             beating.cancel()

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import uuid
 
 from serve_app.contract import JobConfig
 from serve_app.errors import JobNotDone, NotFound, Overloaded, error_from_code
-from serve_app.jobs.runner import JobHost, JobRunner
+from serve_app.jobs.runner import OUTPUT_ROOM, JobHost, JobRunner
 from serve_app.jobs.store import QUEUED, AsyncJobStore, JobRow, JobStore
+
+ANYONE = object()  # the owner to look jobs up for when every job may be seen (no auth, an admin)
 
 
 class AsyncJobs:
@@ -31,32 +34,38 @@ class AsyncJobs:
                 await self._loop
         await self.runner.stop()
 
-    async def enqueue(self, path: str, config: JobConfig) -> JobRow:
+    async def enqueue(self, path: str, config: JobConfig, owner: str | None = None) -> JobRow:
         """Queue a job for the upload at `path`, refused now, not in job.json later, when the
-        queue is full or the probe refuses the video. Its id is new, never the caller's
-        X-Request-ID: it names the job's files in the store."""
+        queue is full, the store has no room or the probe refuses the video. Its id is new, never
+        the caller's X-Request-ID: it names the job's files in the store."""
+        full = Overloaded(f"{self.max_queued} jobs are waiting already; retry later", self.host.jobs.retry_after_s)
         if await self.store.count(QUEUED) >= self.max_queued:
-            raise Overloaded(f"{self.max_queued} jobs are waiting already; retry later", self.host.jobs.retry_after_s)
+            raise full
+        await self.store.room(os.path.getsize(path) * (1 + OUTPUT_ROOM))
         info = await self.host.probe(path)
         job_id = uuid.uuid4().hex
-        await self.store.put_file(job_id, "input.mp4", path)
         try:
-            row = await self.store.create(config.model_dump(exclude_unset=True), info.num_frames, job_id)
+            await self.store.put_file(job_id, "input.mp4", path)
+            row = await self.store.create(config.model_dump(exclude_unset=True), info.num_frames, job_id, owner,
+                                          most_queued=self.max_queued)
+            if row is None:
+                raise full
         except BaseException:
             await self.store.remove_files(job_id)
             raise
         self.runner.probed_here(job_id, info)
         return row
 
-    async def get(self, job_id: str) -> JobRow:
+    async def get(self, job_id: str, owner: object = ANYONE) -> JobRow:
+        """The job, for `owner` (a token's SHA-256, or None for handle calls): another's is 404."""
         row = await self.store.get(job_id)
-        if row is None:
+        if row is None or (owner is not ANYONE and row.owner != owner):
             raise NotFound(f"no job {job_id[:64]!r}; it never was, was deleted or has expired")
         return row
 
-    async def delete(self, job_id: str) -> None:
+    async def delete(self, job_id: str, owner: object = ANYONE) -> None:
         """Cancels the job (its runner sees the record gone) and deletes its files."""
-        row = await self.get(job_id)
+        row = await self.get(job_id, owner)
         if not await self.store.delete(row.id):
             raise NotFound(f"no job {row.id!r}; it was deleted or expired meanwhile")
 

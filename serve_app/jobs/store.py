@@ -3,8 +3,11 @@
 Records live in one table through SQLAlchemy: a SQLite file by default, PostgreSQL on a cluster
 (`job_db`), where several ingress replicas claim queued jobs with row locks (`FOR UPDATE SKIP
 LOCKED`), so no job runs twice. Files (`<job_store>/<id>/input.mp4`, its outputs) live on a
-local directory or `s3://`/`gs://`: an output is written under a temporary name and moved into
-place, and a job is marked processed only after its files are there.
+local directory or `s3://`/`gs://`: a file is written under a temporary name and moved into
+place (a failed write leaves no part), and a job is marked processed only after its files are
+there. A full store is InsufficientStorage (507), a database that cannot be written
+StoreUnavailable (503). With bearer auth on, a job belongs to the token that submitted it (its
+SHA-256 is kept, never the token).
 
 A job is queued -> processing -> processed | failed. A processing job whose runner stops
 sending heartbeats (its replica died) is queued again once, then failed.
@@ -13,7 +16,10 @@ sending heartbeats (its replica died) is queued again once, then failed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import json
+import shutil
 import time
 import uuid
 from collections.abc import Callable
@@ -22,9 +28,11 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from serve_app.errors import StoreUnavailable
+from serve_app.contract import size
+from serve_app.errors import InsufficientStorage, StoreUnavailable
 
 QUEUED, PROCESSING, PROCESSED, FAILED = "queued", "processing", "processed", "failed"
+WAITING = "waiting"  # claimed, waiting for the graph (an encoder slot); its frames have not started
 METADATA = sa.MetaData()
 JOBS = sa.Table(
     "sam3_video_jobs", METADATA,
@@ -44,7 +52,9 @@ JOBS = sa.Table(
     sa.Column("code", sa.String(64)),
     sa.Column("attempts", sa.Integer, nullable=False, default=0),
     sa.Column("worker", sa.String(64)),
+    sa.Column("owner", sa.String(64)),  # SHA-256 of the submitting bearer token; None: auth off, or a handle call
 )
+ORPHAN_S = 600.0  # a job's folder or part this old with no record is left over (an upload takes seconds)
 
 
 @dataclass
@@ -63,30 +73,29 @@ class JobRow:
     error: str | None = None
     code: str | None = None
     attempts: int = 0
+    owner: str | None = None
 
     @classmethod
     def of(cls, row: Any) -> "JobRow":
-        m = row._mapping
-        return cls(id=m["id"], state=m["state"], config=json.loads(m["config"]), created_at=m["created_at"],
-                   updated_at=m["updated_at"], frames_done=m["frames_done"], frames_total=m["frames_total"],
-                   stage=m["stage"], started_at=m["started_at"], finished_at=m["finished_at"],
-                   outputs=json.loads(m["outputs"]), error=m["error"], code=m["code"], attempts=m["attempts"])
+        m = {k: v for k, v in row._mapping.items() if k in cls.__dataclass_fields__}
+        return cls(**{**m, "config": json.loads(m["config"]), "outputs": json.loads(m["outputs"])})
 
 
 class JobStore:
     """One job database and file store; every replica of every node may open the same one.
     `clock` (time.time) stamps the records: jobs are judged stale or expired by it."""
 
-    def __init__(self, store_url: str, db_url: str | None = None, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, store_url: str, db_url: str | None = None, clock: Callable[[], float] = time.time,
+                 min_free_bytes: int = 0) -> None:
         import fsspec
 
-        self.clock = clock
+        self.clock, self.min_free_bytes = clock, min_free_bytes
         try:
             self.fs, self.root = fsspec.core.url_to_fs(store_url)
             self.local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
             if self.local:
                 self.fs.makedirs(self.root, exist_ok=True)
-            self._put(".write-check", b"ok")  # fail at start, not at the first job
+            self._write(f"{self.root}/.write-check", lambda part: self.fs.pipe_file(part, b"ok"))  # fail now, not later
             db_url = db_url or (f"sqlite:///{self.root}/jobs.sqlite" if self.local else None)
             if db_url is None:
                 raise ValueError("a job_store that is not a local directory needs a job_db URL")
@@ -96,6 +105,7 @@ class JobStore:
             if sqlite:  # readers beside one writer across processes
                 sa.event.listen(self.engine, "connect", _sqlite_wal)
             METADATA.create_all(self.engine)
+            _add_new_columns(self.engine)
             self.postgres = self.engine.dialect.name == "postgresql"
         except Exception as exc:  # whatever the URL, driver or permissions say
             raise StoreUnavailable(f"the job store {store_url!r} (database {_shown(db_url)!r}) cannot be used: "
@@ -105,21 +115,36 @@ class JobStore:
     def path(self, job_id: str, name: str) -> str:
         return f"{self.root}/{job_id}/{name}"
 
-    def _put(self, name: str, data: bytes) -> None:
-        """Write `name` under a temporary name and move it into place: never seen half-written."""
-        part = f"{self.root}/{name}.part-{uuid.uuid4().hex[:8]}"
-        self.fs.makedirs(part.rsplit("/", 1)[0], exist_ok=True)  # object stores have no folders: a no-op
-        self.fs.pipe_file(part, data)
-        self.fs.mv(part, f"{self.root}/{name}")
+    def _write(self, final: str, put: Callable[[str], None]) -> None:
+        """`put(part)` writes a temporary name, moved into place once whole: never seen half-written,
+        and a write that fails (a full disk) leaves no part behind."""
+        folder, name = final.rsplit("/", 1)
+        part = f"{folder}/.{name}.part-{uuid.uuid4().hex[:8]}"
+        try:
+            self.fs.makedirs(folder, exist_ok=True)  # object stores have no folders: a no-op
+            put(part)
+            self.fs.mv(part, final)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                self.fs.rm(part)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise InsufficientStorage(f"the job store is full: {name} could not be written ({exc.strerror})") from None
+            raise StoreUnavailable(f"the job store cannot write {name}: {exc.strerror or exc}") from None
 
     def put_file(self, job_id: str, name: str, local_path: str) -> None:
-        part = self.path(job_id, f".{name}.part-{uuid.uuid4().hex[:8]}")
-        self.fs.makedirs(f"{self.root}/{job_id}", exist_ok=True)
-        self.fs.put_file(local_path, part)
-        self.fs.mv(part, self.path(job_id, name))
+        self._write(self.path(job_id, name), lambda part: self.fs.put_file(local_path, part))
 
     def put_bytes(self, job_id: str, name: str, data: bytes) -> None:
-        self._put(f"{job_id}/{name}", data)
+        self._write(self.path(job_id, name), lambda part: self.fs.pipe_file(part, data))
+
+    def room(self, need: int) -> None:
+        """Refuse (InsufficientStorage) unless `need` bytes fit with min_free_bytes to spare
+        (a local store; an object store has no fixed size)."""
+        if self.local:
+            free = shutil.disk_usage(self.root).free
+            if free - need < self.min_free_bytes:
+                raise InsufficientStorage(f"the job store has {size(free)} free; this job needs {size(need)} for its "
+                                          f"input and outputs, and {size(self.min_free_bytes)} are kept free")
 
     def get_file(self, job_id: str, name: str, local_path: str) -> None:
         self.fs.get_file(self.path(job_id, name), local_path)
@@ -130,34 +155,81 @@ class JobStore:
         except FileNotFoundError:
             return None
 
+    def open(self, job_id: str, name: str):
+        """The file, open for reading (the caller closes it)."""
+        return self.fs.open(self.path(job_id, name), "rb")
+
     def read(self, job_id: str, name: str, start: int = 0, end: int | None = None) -> bytes:
         with self.fs.open(self.path(job_id, name), "rb") as f:
             f.seek(start)
             return f.read(-1 if end is None else end - start)
 
+    def remove(self, job_id: str, name: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm(self.path(job_id, name))
+
     def remove_files(self, job_id: str) -> None:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             self.fs.rm(f"{self.root}/{job_id}", recursive=True)
-        except FileNotFoundError:
-            pass
+
+    def sweep(self, older_than_s: float = ORPHAN_S) -> int:
+        """Removes what no record owns (a local store): job folders without a row, and parts left
+        by writes that were cut off. Younger ones may be an upload on its way to its row."""
+        if not self.local:
+            return 0
+        with self._db() as db:
+            known = {r[0] for r in db.execute(sa.select(JOBS.c.id))}
+        old, gone = self.clock() - older_than_s, 0
+        for entry in self.fs.ls(self.root, detail=True):
+            name = entry["name"].rsplit("/", 1)[-1]
+            if entry["type"] == "directory" and name not in known and self.fs.modified(entry["name"]).timestamp() < old:
+                self.fs.rm(entry["name"], recursive=True)
+                gone += 1
+            elif entry["type"] == "directory" or ".part-" in name:
+                parts = [p for p in self.fs.ls(entry["name"]) if ".part-" in p] if entry["type"] == "directory" else [entry["name"]]
+                for part in parts:
+                    if self.fs.modified(part).timestamp() < old:
+                        self.fs.rm(part)
+                        gone += 1
+        return gone
+
+    @contextlib.contextmanager
+    def _db(self):
+        """One transaction; a database that cannot be used now (a full disk, a lost server) is
+        StoreUnavailable (503), never a bare driver error."""
+        try:
+            with self.engine.begin() as db:
+                yield db
+        except sa.exc.DBAPIError as exc:
+            raise StoreUnavailable(f"the job database cannot be used now: {str(exc.orig).splitlines()[0][:200]}") from None
 
     # -- records --------------------------------------------------------------------------------
-    def create(self, config: dict[str, Any], frames: int, job_id: str | None = None) -> JobRow:
+    def create(self, config: dict[str, Any], frames: int, job_id: str | None = None, owner: str | None = None,
+               most_queued: int | None = None) -> JobRow | None:
+        """A queued job; None if `most_queued` are queued already (counted and inserted under one
+        lock, so simultaneous submissions cannot pass the bound together)."""
         now = self.clock()
         job_id = job_id or uuid.uuid4().hex
-        with self.engine.begin() as db:
+        with self._db() as db:
+            if self.postgres:  # absent rows cannot be locked: one lock for the queue's tail
+                db.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext('sam3_video_jobs queue'))"))
+            else:
+                db.exec_driver_sql("BEGIN IMMEDIATE")  # SQLite: the write lock before the count
+            queued = sa.select(sa.func.count()).where(JOBS.c.state == QUEUED)
+            if most_queued is not None and db.execute(queued).scalar() >= most_queued:
+                return None
             db.execute(JOBS.insert().values(id=job_id, state=QUEUED, config=json.dumps(config), created_at=now,
                                             updated_at=now, frames_done=0, frames_total=frames, stage=QUEUED,
-                                            outputs="[]", attempts=0))
+                                            outputs="[]", attempts=0, owner=owner))
         return self.get(job_id)
 
     def get(self, job_id: str) -> JobRow | None:
-        with self.engine.connect() as db:
+        with self._db() as db:
             row = db.execute(JOBS.select().where(JOBS.c.id == job_id)).first()
         return JobRow.of(row) if row else None
 
     def count(self, state: str) -> int:
-        with self.engine.connect() as db:
+        with self._db() as db:
             return int(db.execute(sa.select(sa.func.count()).where(JOBS.c.state == state)).scalar())
 
     def claim(self, worker: str) -> JobRow | None:
@@ -172,7 +244,7 @@ class JobStore:
                 if job_id is None:
                     return None
                 claimed = db.execute(JOBS.update().where(JOBS.c.id == job_id, JOBS.c.state == QUEUED).values(
-                    state=PROCESSING, stage="starting", worker=worker, started_at=now, heartbeat_at=now,
+                    state=PROCESSING, stage=WAITING, worker=worker, heartbeat_at=now,
                     updated_at=now, attempts=JOBS.c.attempts + 1)).rowcount
         except sa.exc.OperationalError:  # SQLite: another process's claim won the write lock
             return None
@@ -181,7 +253,7 @@ class JobStore:
     def update(self, job_id: str, **values: Any) -> bool:
         """Set `values` (frames_done, stage, ...) and the heartbeat; False if the job is gone."""
         now = self.clock()
-        with self.engine.begin() as db:
+        with self._db() as db:
             return db.execute(JOBS.update().where(JOBS.c.id == job_id, JOBS.c.state == PROCESSING).values(
                 updated_at=now, heartbeat_at=now, **values)).rowcount == 1
 
@@ -193,14 +265,18 @@ class JobStore:
         return self.update(job_id, state=FAILED, stage=FAILED, error=error, code=code, finished_at=self.clock())
 
     def delete(self, job_id: str) -> bool:
-        with self.engine.begin() as db:
+        with self._db() as db:
             gone = db.execute(JOBS.delete().where(JOBS.c.id == job_id)).rowcount == 1
-        self.remove_files(job_id)
+        try:
+            self.remove_files(job_id)
+        except OSError:  # the record is gone: sweep() takes what is left
+            pass
         return gone
 
     def requeue(self, job_id: str) -> bool:
-        """Back to the queue, as if never claimed (the graph was full: not the job's fault)."""
-        with self.engine.begin() as db:
+        """Back to the queue, as if never claimed (the graph was full, or its replica stopped
+        gracefully: not the job's fault)."""
+        with self._db() as db:
             return db.execute(JOBS.update().where(JOBS.c.id == job_id, JOBS.c.state == PROCESSING).values(
                 state=QUEUED, stage=QUEUED, worker=None, frames_done=0, started_at=None,
                 attempts=JOBS.c.attempts - 1, updated_at=self.clock())).rowcount == 1
@@ -209,9 +285,9 @@ class JobStore:
         """Jobs whose runner went silent for `stale_s`: queued again once, then failed."""
         cutoff, now = self.clock() - stale_s, self.clock()
         stale = (JOBS.c.state == PROCESSING) & (JOBS.c.heartbeat_at < cutoff)
-        with self.engine.begin() as db:
+        with self._db() as db:
             again = db.execute(JOBS.update().where(stale, JOBS.c.attempts <= retries).values(
-                state=QUEUED, stage=QUEUED, worker=None, frames_done=0, updated_at=now)).rowcount
+                state=QUEUED, stage=QUEUED, worker=None, frames_done=0, started_at=None, updated_at=now)).rowcount
             failed = db.execute(JOBS.update().where(stale).values(
                 state=FAILED, stage=FAILED, finished_at=now, updated_at=now, code="model_error",
                 error="the replica running this job stopped, twice; submit it again")).rowcount
@@ -219,7 +295,7 @@ class JobStore:
 
     def expire(self, ttl_s: float) -> int:
         """Deletes jobs (and their files) created more than `ttl_s` ago."""
-        with self.engine.connect() as db:
+        with self._db() as db:
             old = [r[0] for r in db.execute(sa.select(JOBS.c.id).where(JOBS.c.created_at < self.clock() - ttl_s))]
         for job_id in old:
             self.delete(job_id)
@@ -236,6 +312,14 @@ class AsyncJobStore:
     def __getattr__(self, name: str) -> Callable[..., Any]:
         method = getattr(self.sync, name)
         return lambda *args, **kwargs: asyncio.to_thread(method, *args, **kwargs)
+
+
+def _add_new_columns(engine: sa.Engine) -> None:
+    """Columns added since a store's table was made (nullable: its old rows have none)."""
+    have = {c["name"] for c in sa.inspect(engine).get_columns(JOBS.name)}
+    for column in (c for c in JOBS.columns if c.name not in have):
+        with contextlib.suppress(sa.exc.DBAPIError), engine.begin() as db:  # another replica added it first
+            db.execute(sa.text(f"ALTER TABLE {JOBS.name} ADD COLUMN {column.name} {column.type.compile(engine.dialect)}"))
 
 
 def _sqlite_wal(connection, _record) -> None:

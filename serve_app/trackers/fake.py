@@ -57,7 +57,7 @@ class ColorShapeTracker:
         self._worker = None
         if config.frame_delay_s:  # standing in for a GPU model: one model thread, as SAM 3's
             self._worker = ModelWorker(lambda: None, max_pending=MAX_PENDING, name="stand-in-model",
-                                       max_sessions=config.max_sessions or 1, label="the stand-in tracker")
+                                       max_sessions=config.max_sessions or 1, label="stand-in")
             weakref.finalize(self, self._worker.stop, 0.0)  # its thread goes with the tracker
 
     def colours(self, prompt: str) -> list[str]:

@@ -124,7 +124,7 @@ class ModelWorker:
     up to `max_sessions` generator tasks interleaved frame by frame."""
 
     def __init__(self, build: Callable[[], Any], max_pending: int = 4, name: str = "model",
-                 max_sessions: int = 1, label: str = "SAM 3") -> None:
+                 max_sessions: int = 1, label: str = "tracker") -> None:
         if max_sessions < 1:
             raise ValueError("max_sessions must be at least 1")
         self.max_pending = max_pending

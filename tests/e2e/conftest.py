@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import TEST_TOKENS_ENV
+from tests.conftest import TEST_ADMIN_ENV, TEST_TOKENS_ENV
 
 E2E = Path(__file__).resolve().parent
 PRODIA_VERSION = "1.6.0"
@@ -71,7 +71,7 @@ def official_client(tmp_path_factory) -> OfficialClient:
 # the ingress) and two more queued in the proxy, so limits and backpressure are cheap to reach.
 STRICT_MAX_BYTES = 2 * 1024 * 1024
 STRICT_ARGS = {
-    "auth_tokens_env": TEST_TOKENS_ENV,
+    "auth_tokens_env": TEST_TOKENS_ENV, "admin_tokens_env": TEST_ADMIN_ENV,
     "limits": {"max_bytes": STRICT_MAX_BYTES},
     "max_inflight_per_ingress": 2,
     "ingress_max_queued_requests": 2,

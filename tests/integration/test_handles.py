@@ -79,3 +79,20 @@ def test_a_failed_async_job_raises_its_own_error_type(app, shapes):
         time.sleep(0.2)
     with pytest.raises(UnsupportedMedia, match="scripted refusal from the tracker replica"):
         app.result.remote(job_id).result()
+
+
+def test_an_owner_that_died_is_told_from_one_that_lives(cluster):
+    """What a job's Deadline asks of its owner (ray_compat.actor_alive, Ray's __ray_ready__)."""
+    import ray
+
+    from serve_app.ray_compat import actor_alive
+    from tests.serving import wait_until
+
+    @ray.remote(num_cpus=0)
+    class Owner:
+        pass
+
+    owner = Owner.remote()
+    assert actor_alive(owner)
+    ray.kill(owner)
+    assert wait_until(lambda: not actor_alive(owner, timeout_s=1), timeout_s=20)

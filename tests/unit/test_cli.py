@@ -1,5 +1,7 @@
 """Every CLI path that cannot go on ends in one line, `error: ...`, and exit status 2."""
 
+import os
+
 import pytest
 
 from serve_app.cli import main
@@ -60,3 +62,87 @@ def test_a_missing_input_is_one_line(tmp_path, capsys):
 def test_a_job_store_that_cannot_be_written_is_one_line_before_ray_starts(capsys):
     assert main(["serve", "--tracker", "fake", "--arg", "job_store=/proc/nowhere"]) == 2
     assert "the job store '/proc/nowhere'" in one_line_error(capsys)
+
+
+class Recorder:
+    """Two small real HTTP servers on loopback: `origin` redirects every request to `location`
+    but `/moved`, which it answers; both record each request and its Authorization header."""
+
+    def __init__(self):
+        import http.server
+        import threading
+
+        from testkit.net import free_port
+
+        self.seen, self.location, recorder = [], "", self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def answer(self):
+                recorder.seen.append((self.server.server_address[0], self.path, self.headers.get("Authorization")))
+                self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                if self.server is recorder.origin and self.path != "/moved":
+                    self.send_response(302)
+                    self.send_header("Location", recorder.location)
+                    self.end_headers()
+                else:
+                    self.send_response(200)
+                    self.end_headers()
+                    self.wfile.write(b"ok")
+
+            do_GET = do_POST = answer
+
+        self.origin = http.server.HTTPServer(("127.0.0.1", free_port()), Handler)
+        self.target = http.server.HTTPServer(("127.0.0.2", free_port()), Handler)
+        for server in (self.origin, self.target):
+            threading.Thread(target=server.serve_forever, daemon=True).start()
+
+    def close(self):
+        for server in (self.origin, self.target):
+            server.shutdown()
+
+
+def test_the_token_never_follows_a_redirect_to_another_origin(clip, tmp_path, capsys, monkeypatch):
+    from serve_app.client import _call
+    from serve_app.errors import ServiceError
+
+    servers = Recorder()
+    try:
+        origin = f"http://127.0.0.1:{servers.origin.server_address[1]}"
+        elsewhere = f"http://127.0.0.2:{servers.target.server_address[1]}"
+        servers.location = f"{elsewhere}/v2/job/async"
+        monkeypatch.setenv("SAM3_VIDEO_TOKEN", "secret-token")
+        argv = ["segment", str(clip), "-o", str(tmp_path / "o.mp4"), "--prompt", "red", "--url", origin, "-q"]
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"redirected to {elsewhere}/v2/job/async, another origin" in err and err.count("\n") == 1
+        with pytest.raises(ServiceError, match="another origin"):  # a poll's GET, as urllib would follow it
+            _call("GET", f"{origin}/v2/job/async/x/job.json", None, {"Authorization": "Bearer secret-token"})
+        assert [host for host, _, _ in servers.seen] == ["127.0.0.1", "127.0.0.1"]  # the other got nothing
+        servers.location = f"{origin}/moved"  # within the origin: followed, token and all
+        token = {"Authorization": "Bearer secret-token"}
+        assert _call("GET", f"{origin}/v2/job/async/x/job.json", None, token) == b"ok"
+        assert servers.seen[-1] == ("127.0.0.1", "/moved", "Bearer secret-token")
+    finally:
+        servers.close()
+
+
+def test_the_embedded_start_leaves_rays_auth_mode_as_it_finds_it(monkeypatch):
+    import ray
+
+    from serve_app.app import start_app
+
+    class Started(Exception):
+        pass
+
+    def init(**kwargs):
+        raise Started(kwargs)
+
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", init)
+    with pytest.raises(Started):
+        start_app({"tracker": "fake"})
+    assert "RAY_AUTH_MODE" not in os.environ  # Ray's token auth stays on, its default

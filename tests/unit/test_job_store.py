@@ -150,3 +150,25 @@ def test_a_database_that_cannot_be_reached_is_named_without_its_password(tmp_pat
     with pytest.raises(StoreUnavailable) as refused:
         JobStore(str(tmp_path / "store"), "postgresql+psycopg://jobs:s3cret@127.0.0.1:1/jobs")
     assert "s3cret" not in str(refused.value) and "jobs:***@127.0.0.1:1/jobs" in str(refused.value)
+
+
+def test_a_write_cut_off_by_a_full_disk_is_insufficient_storage_and_leaves_no_part(tmp_path):
+    import subprocess
+
+    from serve_app.errors import InsufficientStorage
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("a tmpfs cannot be mounted here: this test needs root, as CI has")
+    try:
+        store = JobStore(str(disk / "jobs"), f"sqlite:///{tmp_path}/jobs.sqlite")
+        row = store.create({"prompt": "fish"}, frames=1)
+        with pytest.raises(InsufficientStorage, match="the job store is full: output.mp4 could not be written"):
+            store.put_bytes(row.id, "output.mp4", b"\x01" * (2 << 20))
+        assert [p.name for p in (disk / "jobs" / row.id).iterdir()] == []  # no part left
+        store.put_bytes(row.id, "objects.json", b"{}")  # what fits is still written
+        with pytest.raises(InsufficientStorage, match="this job needs 2 MB"):
+            store.room(2 << 20)
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)

@@ -152,7 +152,7 @@ def test_a_model_failure_reaches_the_caller_as_a_model_error(worker):
         job.pull()
         raise RuntimeError("Input type (c10::BFloat16) and bias type (float) should be the same")
 
-    with pytest.raises(ModelError, match="SAM 3 failed: RuntimeError: Input type"):
+    with pytest.raises(ModelError, match="tracker failed: RuntimeError: Input type"):
         list(stream(worker, broken, chunks(3)))
     assert [r[1] for r in stream(worker, echo_job("b"), chunks(2))] == [0, 1]
 
@@ -297,7 +297,7 @@ def test_a_failing_session_fails_alone(shared):
 
     thread = threading.Thread(target=request)
     thread.start()
-    with pytest.raises(ModelError, match="SAM 3 failed: RuntimeError: CUDA error"):
+    with pytest.raises(ModelError, match="tracker failed: RuntimeError: CUDA error"):
         list(stream(shared, broken, chunks(4)))
     thread.join(10)
     assert other["frames"] == list(range(20))

@@ -77,7 +77,7 @@ class Sam3Tracker:
             hooks.on_build(model)
             return model
 
-        self._worker = ModelWorker(build, max_pending=config.max_pending, name="sam3-model",
+        self._worker = ModelWorker(build, max_pending=config.max_pending, name="sam3-model", label="SAM 3",
                                    max_sessions=config.sessions)
         self.hotstart_delay = int(self._worker.model.hotstart_delay)
         self.warm_frames = config.warm_frames or self.hotstart_delay + 2
