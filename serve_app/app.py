@@ -93,6 +93,13 @@ class AppArgs(BaseModel):
     auth_tokens_env: str = Field("SAM3_VIDEO_TOKENS", description="Env var with comma-separated bearer tokens; unset = no auth.")
     # A job belongs to the token that submitted it; these tokens see and delete every job.
     admin_tokens_env: str = Field("SAM3_VIDEO_ADMIN_TOKENS", description="Env var with comma-separated admin tokens.")
+    # Async jobs' webhooks go only to these hosts (SSRF): none by default, so a webhook is a 400
+    # until the operator names its receivers. `--arg webhook_hosts=a,b` on the command line.
+    webhook_hosts: list[str] = Field(default_factory=list, description="Host names or IPs webhooks may be sent to.")
+    webhook_secret_env: str = Field("SAM3_VIDEO_WEBHOOK_SECRET", description="Env var with the webhooks' HMAC "
+                                    "secret; required when webhook_hosts is set.")
+    webhook_max_attempts: int = Field(8, ge=1, le=20, description="Attempts per webhook (5 s, 15 s, 45 s, ... apart).")
+    webhook_timeout_s: float = Field(10.0, gt=0, le=60, description="A receiver silent this long fails the attempt.")
     graceful_shutdown_timeout_s: float = Field(5.0, ge=0, description="How long a stopping ingress or decoder "
                                                "replica waits for its requests.")
     # A tracker replica that autoscaling retires still runs jobs that take minutes on a GPU:
@@ -104,6 +111,19 @@ class AppArgs(BaseModel):
     @classmethod
     def _tracker_shorthand(cls, value: Any) -> Any:
         return tracker_config(value) if isinstance(value, str) else value
+
+    @field_validator("webhook_hosts", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        return [h for h in value.split(",") if h.strip()] if isinstance(value, str) else value
+
+    @field_validator("webhook_hosts")
+    @classmethod
+    def _bare_hosts(cls, value: list[str]) -> list[str]:
+        for host in value:
+            if not host.strip() or any(c in host for c in "/@?#") or host.count(":") == 1:
+                raise ValueError(f"{host!r} must be a host name or an IP address, without scheme, port or path")
+        return [h.strip() for h in value]
 
     @property
     def gpus_per_tracker(self) -> float:
@@ -162,7 +182,11 @@ def build_app(args: dict[str, Any] | AppArgs | None = None):
         retry_after_s=a.retry_after_s,
         pace=Pace(a.upload_idle_s, a.upload_min_bytes_per_s), job_timeout_s=a.job_timeout_s, job_store=a.job_store,
         job_db=a.job_db, job_ttl_s=a.job_ttl_s, job_min_free_bytes=a.job_min_free_bytes,
-        max_queued_jobs=a.max_queued_jobs, job_stale_s=a.job_stale_s))
+        max_queued_jobs=a.max_queued_jobs, job_stale_s=a.job_stale_s,
+        jobs_at_once=min(max(a.tracker_max_replicas, a.tracker_min_replicas, 1) * a.tracker_max_ongoing_requests,
+                         a.max_inflight_per_ingress),
+        webhook_hosts=tuple(a.webhook_hosts), webhook_secret_env=a.webhook_secret_env,
+        webhook_max_attempts=a.webhook_max_attempts, webhook_timeout_s=a.webhook_timeout_s))
 
 
 def _with_sessions(a: AppArgs) -> TrackerConfig:

@@ -67,6 +67,23 @@ def async_job_json(row, config: JobConfig | None = None) -> dict[str, Any]:
     }
     if row.error:
         body["error"], body["code"] = row.error, row.code
+    if row.webhook_url:
+        body["webhook"] = webhook_json(row)
+    return body
+
+
+def webhook_json(row) -> dict[str, Any]:
+    """An async job's webhook deliveries: attempts so far, the last HTTP status (None: no answer),
+    and `state`: waiting (the job runs), pending (an attempt is due), delivered, or failed (given
+    up: `error` says why)."""
+    delivered = row.webhook_status is not None and 200 <= row.webhook_status < 300
+    if row.state not in ("processed", "failed"):
+        state = "waiting"
+    else:
+        state = "delivered" if delivered else "pending" if row.webhook_next_at is not None else "failed"
+    body: dict[str, Any] = {"attempts": row.webhook_attempts, "last_status": row.webhook_status, "state": state}
+    if row.webhook_error and not delivered:
+        body["error"] = row.webhook_error
     return body
 
 

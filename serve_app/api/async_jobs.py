@@ -1,13 +1,14 @@
 """The async job API, shaped like the hosted API's: a job outlives its request.
 
-    POST   /v2/job/async                              the /v2/job body -> 201 + the job JSON
+    POST   /v2/job/async[?webhook=URL]                the /v2/job body (and a `webhook` field) -> 201 + the job JSON
     GET    /v2/job/async/{id}/job.state.current       queued | processing | processed | failed
     GET    /v2/job/async/{id}/job.json                the job JSON, with progress (and error, code)
     GET    /v2/job/async/{id}/output                  the output file names (once processed)
     GET    /v2/job/async/{id}/output/{filename}       the file; Range requests answer 206
     DELETE /v2/job/async/{id}                         cancels it and deletes its files -> 204
 
-Everything /v2/job checks (auth, limits, the probe's refusals) is checked before the 201.
+Everything /v2/job checks (auth, limits, the probe's refusals) is checked before the 201, and
+so is the webhook's URL (jobs/webhooks.py: http(s), a host the operator allows).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from serve_app.api.answers import JobRecord, async_job_json
 from serve_app.api.upload import MULTIPART_SLACK, read_multipart, receive
 from serve_app.contract import parse_job
-from serve_app.errors import JobNotDone, NotFound, Overloaded
+from serve_app.errors import InvalidJob, JobNotDone, NotFound, Overloaded
 from serve_app.jobs.service import ANYONE
 
 RANGE = re.compile(r"bytes=(\d*)-(\d*)")
@@ -30,12 +31,22 @@ CHUNK = 1 << 20
 
 async def submit(request: Request, job: JobRecord):
     service, jobs = request.app.state.service, request.app.state.jobs
+    given = request.query_params.getlist("webhook")
+    if len(given) > 1:
+        raise InvalidJob("webhook is given more than once in the query; send one URL")
+    webhook = given[0] if given else None
+    if webhook is not None:  # refused before a byte of the upload is read
+        jobs.check_webhook(webhook)
     with await receive(request, read_multipart(request.stream(), request.headers.get("content-type", ""),
                                                service.limits.max_bytes, service.pace), MULTIPART_SLACK,
                        wait=True) as upload:
         job.config = parse_job(upload.job).config
+        if upload.webhook is not None:
+            if webhook is not None and upload.webhook != webhook:
+                raise InvalidJob("webhook is given both in the query and as a form field, differently; send one")
+            webhook = upload.webhook
         owner = request.state.owner
-        row = await jobs.enqueue(upload.path, job.config, None if owner is ANYONE else owner)
+        row = await jobs.enqueue(upload.path, job.config, None if owner is ANYONE else owner, webhook=webhook)
     return JSONResponse(async_job_json(row, job.config), status_code=201)
 
 

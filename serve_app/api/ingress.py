@@ -32,6 +32,7 @@ from serve_app.errors import ModelError, Overloaded, ServiceError, Unauthorized,
 from serve_app.graph.wire import JobProgress, SegmentResult, VideoRef
 from serve_app.jobs.service import ANYONE, AsyncJobs
 from serve_app.jobs.store import JobStore
+from serve_app.jobs.webhooks import WebhookSettings
 from serve_app.media import Deadline, VideoInfo
 from serve_app.metrics import StageMetrics
 from serve_app.spool import Spool
@@ -100,6 +101,12 @@ class IngressSettings:
     job_ttl_s: float
     max_queued_jobs: int
     job_stale_s: float
+    # Jobs the graph runs at once (its trackers' sessions): what a batch keeps in flight.
+    jobs_at_once: int = 1
+    webhook_hosts: tuple[str, ...] = ()
+    webhook_secret_env: str = "SAM3_VIDEO_WEBHOOK_SECRET"
+    webhook_max_attempts: int = 8
+    webhook_timeout_s: float = 10.0
 
 
 @dataclass
@@ -141,6 +148,7 @@ class SegmentService:
 
         start = time.perf_counter()
         info = info or await self.probe(path)
+        config.check_video(info)
         probe_ms = (time.perf_counter() - start) * 1e3
         if video is None:  # up to 100 MB read and put: not on the event loop
             video = await asyncio.to_thread(lambda: VideoRef.put(Path(path).read_bytes()))
@@ -264,8 +272,14 @@ class IngressDeployment:
             Slots(s.max_uploads, "uploads arriving", s.retry_after_s, s.max_uploads_per_client),
             Slots(s.max_downloads, "downloads", s.retry_after_s), s.pace,
             s.job_timeout_s, admins=admins)
+        secret = os.environ.get(s.webhook_secret_env, "")
+        if s.webhook_hosts and not secret:  # never an unsigned webhook: a receiver could not tell ours
+            raise ValueError(f"webhook_hosts is set but {s.webhook_secret_env} is empty in the replicas' environment; "
+                             "webhooks are signed with it")
+        webhooks = WebhookSettings(tuple(s.webhook_hosts), secret, s.webhook_max_attempts, s.webhook_timeout_s)
         self.jobs = AsyncJobs(store, self.service, max_queued=s.max_queued_jobs, stale_s=s.job_stale_s,
-                              ttl_s=s.job_ttl_s)
+                              ttl_s=s.job_ttl_s, webhooks=webhooks, render=async_job_json)
+        self.jobs_at_once = s.jobs_at_once
         self.jobs.start()
 
     async def __del__(self) -> None:
@@ -291,6 +305,11 @@ class IngressDeployment:
         """As `segment`, with the per-stage timings (`.timings`), the frame count, and
         `.objects` (objects.json) when the config's outputs ask for it."""
         return await self.service.segment(video, config)
+
+    async def capacity(self) -> dict[str, int]:
+        """What a caller that sends many jobs should know: `jobs_at_once`, the jobs the graph runs
+        at once (more only wait in its queues), and `max_bytes`, the largest video it takes."""
+        return {"jobs_at_once": self.jobs_at_once, "max_bytes": self.service.limits.max_bytes}
 
     async def submit(self, video: Any, config: JobConfig | dict) -> str:
         """Queue an async job (as POST /v2/job/async); returns its id."""

@@ -4,7 +4,7 @@ The body is streamed into a temporary file while bytes are counted; past the lim
 stops with UploadTooLarge. A body that stalls, or trickles in below a minimum rate, is dropped
 with UploadTimeout (408), so idle connections cannot hold the ingress. Multipart bodies are
 parsed as they stream (python-multipart): the `input` part goes to disk, the `job` part (small
-JSON) to memory; what breaks multipart or JSON is the client's InvalidJob (400). Nothing is
+JSON) and an async job's `webhook` field (a URL) to memory; what breaks multipart or JSON is the client's InvalidJob (400). Nothing is
 left on disk after a failure.
 """
 
@@ -29,6 +29,7 @@ MULTIPART_SLACK = SLACK      # part headers and the job JSON beside a video at t
 MAX_BOUNDARY = 70            # RFC 2046
 MAX_PART_HEADERS = 4 * 1024  # bytes of headers one part may carry
 MAX_PARTS = 8
+WEBHOOK_PART_LIMIT = 4096    # a URL; the webhook guard names the real limit
 
 
 @dataclass
@@ -37,6 +38,7 @@ class Upload:
 
     video: Spool
     job: Any = None     # the decoded `job` part (multipart only)
+    webhook: str | None = None  # the `webhook` part (POST /v2/job/async)
 
     @property
     def path(self) -> str:
@@ -106,6 +108,7 @@ class _Parts:
 
     def __init__(self, video: Spool, limit: int) -> None:
         self.video, self.limit, self.job, self.name, self.parts, self.inputs = video, limit, bytearray(), "", 0, 0
+        self.webhook: bytearray | None = None
         self.field, self.headers, self.header_bytes = b"", {}, 0
 
     def on_part_begin(self) -> None:
@@ -138,6 +141,10 @@ class _Parts:
             self.inputs += 1
             if self.inputs > 1:
                 raise InvalidJob("job has more than one 'input' part; send one video")
+        elif self.name == "webhook":
+            if self.webhook is not None:
+                raise InvalidJob("job has more than one 'webhook' part; send one URL")
+            self.webhook = bytearray()
 
     def on_part_data(self, data: bytes, start: int, end: int) -> None:
         if self.name == "input":
@@ -146,6 +153,10 @@ class _Parts:
             self.job.extend(data[start:end])
             if len(self.job) > JOB_PART_LIMIT:
                 raise InvalidJob(f"job part is over {JOB_PART_LIMIT // 1024} KB")
+        elif self.name == "webhook":
+            self.webhook.extend(data[start:end])
+            if len(self.webhook) > WEBHOOK_PART_LIMIT:
+                raise InvalidJob(f"webhook part is over {WEBHOOK_PART_LIMIT} bytes")
 
 
 def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -192,7 +203,11 @@ async def read_multipart(stream: AsyncIterator[bytes], content_type: str, limit:
             raise InvalidJob("job part is nested too deeply to be a job") from None
         except (ValueError, UnicodeDecodeError) as exc:
             raise InvalidJob(f"job part is not valid JSON ({exc})") from None
-        return Upload(video.keep(), job)
+        try:
+            webhook = None if parts.webhook is None else parts.webhook.decode().strip()
+        except UnicodeDecodeError:
+            raise InvalidJob("webhook part is not UTF-8 text") from None
+        return Upload(video.keep(), job, webhook)
 
 
 async def receive(request: Request, reading, slack: int = 0, wait: bool = False) -> Upload:

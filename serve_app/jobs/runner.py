@@ -6,7 +6,8 @@ A running job's record is updated every `beat_s` (its progress, and a heartbeat)
 outputs are written. A record no longer processing (DELETE, or taken back by another replica's
 recover()) stops the job at once: its graph call is cancelled and the tracker frees its session
 at the next frame. Every `sweep_s` it puts back jobs whose runner went silent and deletes jobs
-past their TTL.
+past their TTL. Each tick also starts the webhook attempts that are due (jobs/webhooks.py), which
+run beside the jobs and never hold the loop.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from serve_app.contract import JobConfig
 from serve_app.errors import Overloaded, ServiceError, StoreUnavailable, http_status
 from serve_app.graph.wire import JobProgress, SegmentResult
 from serve_app.jobs.store import WAITING, AsyncJobStore, JobRow
+from serve_app.jobs.webhooks import WebhookSender
 from serve_app.media import VideoInfo
 from serve_app.metrics import StageMetrics
 from serve_app.spool import Spool
@@ -53,8 +55,8 @@ class JobHost(Protocol):
 
 class JobRunner:
     def __init__(self, store: AsyncJobStore, host: JobHost, *, stale_s: float = 60.0, ttl_s: float = 86400.0,
-                 poll_s: float = 0.5, beat_s: float = 0.5) -> None:
-        self.store, self.host = store, host
+                 poll_s: float = 0.5, beat_s: float = 0.5, webhooks: WebhookSender | None = None) -> None:
+        self.store, self.host, self.webhooks = store, host, webhooks
         self.stale_s, self.ttl_s, self.poll_s, self.beat_s = stale_s, ttl_s, poll_s, beat_s
         self.sweep_s = min(10.0, stale_s / 2, ttl_s / 2)
         self.worker = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
@@ -98,6 +100,8 @@ class JobRunner:
         for task in running:
             task.cancel()
         await asyncio.gather(*running, return_exceptions=True)
+        if self.webhooks is not None:
+            await self.webhooks.stop()
 
     async def tick(self) -> None:
         store = self.store
@@ -109,6 +113,8 @@ class JobRunner:
                 await store.sweep()
                 self.orphans_swept = True
         self.host.metrics.jobs(await store.count("queued"), len(self.running))
+        if self.webhooks is not None:
+            await self.webhooks.tick()
         slots = self.host.jobs
         while time.monotonic() > self.backoff_until and slots.acquire():  # a slot first: a claimed job never waits
             try:
@@ -183,3 +189,4 @@ class JobRunner:
         finally:
             beating.cancel()
             self.running.pop(row.id, None)
+            self.wake.set()  # its webhook, if any, is due now

@@ -53,6 +53,13 @@ JOBS = sa.Table(
     sa.Column("attempts", sa.Integer, nullable=False, default=0),
     sa.Column("worker", sa.String(64)),
     sa.Column("owner", sa.String(64)),  # SHA-256 of the submitting bearer token; None: auth off, or a handle call
+    # Webhook (jobs/webhooks.py): where to POST the ended job, the attempts so far, the last
+    # answer, and when the next attempt is due (None: none is, or not yet: the job runs).
+    sa.Column("webhook_url", sa.Text),
+    sa.Column("webhook_attempts", sa.Integer),
+    sa.Column("webhook_status", sa.Integer),
+    sa.Column("webhook_error", sa.Text),
+    sa.Column("webhook_next_at", sa.Float),
 )
 ORPHAN_S = 600.0  # a job's folder or part this old with no record is left over (an upload takes seconds)
 
@@ -74,11 +81,17 @@ class JobRow:
     code: str | None = None
     attempts: int = 0
     owner: str | None = None
+    webhook_url: str | None = None
+    webhook_attempts: int = 0
+    webhook_status: int | None = None
+    webhook_error: str | None = None
+    webhook_next_at: float | None = None
 
     @classmethod
     def of(cls, row: Any) -> "JobRow":
         m = {k: v for k, v in row._mapping.items() if k in cls.__dataclass_fields__}
-        return cls(**{**m, "config": json.loads(m["config"]), "outputs": json.loads(m["outputs"])})
+        return cls(**{**m, "config": json.loads(m["config"]), "outputs": json.loads(m["outputs"]),
+                      "webhook_attempts": m.get("webhook_attempts") or 0})  # rows older than the column: None
 
 
 class JobStore:
@@ -205,9 +218,10 @@ class JobStore:
 
     # -- records --------------------------------------------------------------------------------
     def create(self, config: dict[str, Any], frames: int, job_id: str | None = None, owner: str | None = None,
-               most_queued: int | None = None) -> JobRow | None:
+               most_queued: int | None = None, webhook: str | None = None) -> JobRow | None:
         """A queued job; None if `most_queued` are queued already (counted and inserted under one
-        lock, so simultaneous submissions cannot pass the bound together)."""
+        lock, so simultaneous submissions cannot pass the bound together). `webhook`: a URL the
+        guard allowed, POSTed to when the job ends."""
         now = self.clock()
         job_id = job_id or uuid.uuid4().hex
         with self._db() as db:
@@ -220,7 +234,8 @@ class JobStore:
                 return None
             db.execute(JOBS.insert().values(id=job_id, state=QUEUED, config=json.dumps(config), created_at=now,
                                             updated_at=now, frames_done=0, frames_total=frames, stage=QUEUED,
-                                            outputs="[]", attempts=0, owner=owner))
+                                            outputs="[]", attempts=0, owner=owner, webhook_url=webhook,
+                                            webhook_attempts=0))
         return self.get(job_id)
 
     def get(self, job_id: str) -> JobRow | None:
@@ -258,11 +273,37 @@ class JobStore:
                 updated_at=now, heartbeat_at=now, **values)).rowcount == 1
 
     def finish(self, job_id: str, outputs: list[str], frames: int) -> bool:
+        now = self.clock()
         return self.update(job_id, state=PROCESSED, stage=PROCESSED, outputs=json.dumps(outputs),
-                           frames_done=frames, finished_at=self.clock())
+                           frames_done=frames, finished_at=now, webhook_next_at=_webhook_due(now))
 
     def fail(self, job_id: str, error: str, code: str) -> bool:
-        return self.update(job_id, state=FAILED, stage=FAILED, error=error, code=code, finished_at=self.clock())
+        now = self.clock()
+        return self.update(job_id, state=FAILED, stage=FAILED, error=error, code=code, finished_at=now,
+                           webhook_next_at=_webhook_due(now))
+
+    # -- webhooks (jobs/webhooks.py) ------------------------------------------------------------
+    def due_webhooks(self, limit: int) -> list[JobRow]:
+        """Ended jobs whose webhook attempt is due, the longest due first."""
+        with self._db() as db:
+            rows = db.execute(JOBS.select().where(JOBS.c.webhook_next_at <= self.clock())
+                              .order_by(JOBS.c.webhook_next_at).limit(limit)).all()
+        return [JobRow.of(r) for r in rows]
+
+    def claim_webhook(self, job_id: str, due_at: float, lease_s: float) -> bool:
+        """Take the attempt due at `due_at` for this runner: it is due again after `lease_s` unless
+        recorded first (a runner that dies mid-attempt loses nothing). False: another took it."""
+        with self._db() as db:
+            return db.execute(JOBS.update().where(JOBS.c.id == job_id, JOBS.c.webhook_next_at == due_at).values(
+                webhook_next_at=self.clock() + lease_s)).rowcount == 1
+
+    def webhook_attempted(self, job_id: str, attempts: int, status: int | None, error: str | None,
+                          next_at: float | None) -> bool:
+        """Record an attempt; `next_at` is when the next one is due (None: delivered, or given up)."""
+        with self._db() as db:
+            return db.execute(JOBS.update().where(JOBS.c.id == job_id).values(
+                webhook_attempts=attempts, webhook_status=status, webhook_error=error,
+                webhook_next_at=next_at)).rowcount == 1
 
     def delete(self, job_id: str) -> bool:
         with self._db() as db:
@@ -289,7 +330,8 @@ class JobStore:
             again = db.execute(JOBS.update().where(stale, JOBS.c.attempts <= retries).values(
                 state=QUEUED, stage=QUEUED, worker=None, frames_done=0, started_at=None, updated_at=now)).rowcount
             failed = db.execute(JOBS.update().where(stale).values(
-                state=FAILED, stage=FAILED, finished_at=now, updated_at=now, code="model_error",
+                state=FAILED, stage=FAILED, finished_at=now, updated_at=now, webhook_next_at=_webhook_due(now),
+                code="model_error",
                 error="the replica running this job stopped, twice; submit it again")).rowcount
         return again + failed
 
@@ -312,6 +354,11 @@ class AsyncJobStore:
     def __getattr__(self, name: str) -> Callable[..., Any]:
         method = getattr(self.sync, name)
         return lambda *args, **kwargs: asyncio.to_thread(method, *args, **kwargs)
+
+
+def _webhook_due(now: float):
+    """An ended job's first webhook attempt: due now when it has a webhook."""
+    return sa.case((JOBS.c.webhook_url.is_not(None), now), else_=sa.null())
 
 
 def _add_new_columns(engine: sa.Engine) -> None:
