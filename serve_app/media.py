@@ -50,13 +50,22 @@ class VideoInfo:
 
 @dataclass
 class FrameChunk:
-    """Consecutive decoded frames: `frames[i]` is frame number `start + i`."""
+    """Consecutive decoded frames in the order a tracker takes them: `frames[i]` is frame number
+    `start + i * step` (step -1 in the backward pass from a prompt frame)."""
 
     start: int
     frames: np.ndarray              # (n, H, W, 3) uint8 RGB, display orientation
+    step: int = 1
 
     def __len__(self) -> int:
         return int(self.frames.shape[0])
+
+    def indices(self) -> range:
+        return range(self.start, self.start + self.step * len(self), self.step)
+
+    def backward(self) -> "FrameChunk":
+        """A chunk read forward, as a backward pass takes it: its last frame first."""
+        return FrameChunk(self.indices()[-1], np.ascontiguousarray(self.frames[::-1]), -self.step)
 
 
 @dataclass
@@ -68,6 +77,7 @@ class Detections:
     scores: np.ndarray              # (N,) float32 in [0, 1]
     boxes_xywh: np.ndarray          # (N, 4) float32, normalised to [0, 1] of display width/height
     masks: np.ndarray               # (N, H, W) bool at display resolution
+    concepts: np.ndarray | None = None  # (N,) int16: each object's index in the job's concepts; -1 boxes alone
 
     @classmethod
     def empty(cls, frame_index: int, height: int, width: int) -> "Detections":
@@ -92,9 +102,8 @@ class Detections:
             sel[ranked] = True
         if sel.all():
             return self
-        return Detections(
-            self.frame_index, self.obj_ids[sel], self.scores[sel], self.boxes_xywh[sel], self.masks[sel]
-        )
+        return Detections(self.frame_index, self.obj_ids[sel], self.scores[sel], self.boxes_xywh[sel], self.masks[sel],
+                          None if self.concepts is None else self.concepts[sel])
 
     # Between replicas (tracker -> encoder) masks travel bit-packed: 8x fewer bytes.
     def __getstate__(self) -> dict:
@@ -117,6 +126,14 @@ def chunk_frames_for(info: VideoInfo, most: int = 16) -> int:
     """Frames per chunk for this video: at most `most`, and no more than CHUNK_BYTES decoded."""
     width, height = info.display_size
     return max(1, min(most, CHUNK_BYTES // (width * height * 3)))
+
+
+def chunk_plan(num_frames: int, size: int, prompt_frame: int = 0) -> list[tuple[int, int, int]]:
+    """(first frame, frames, step) of each chunk, in the order the tracker takes them: forward
+    from the prompt frame to the last, then backward from the frame before it to the first, as
+    SAM 3 propagates "both" ways. With the prompt on frame 0: every chunk, forward."""
+    plan = [(first, min(size, num_frames - first), 1) for first in range(prompt_frame, num_frames, size)]
+    return plan + [(end - 1, min(size, end), -1) for end in range(prompt_frame, 0, -size)]
 
 
 @dataclass

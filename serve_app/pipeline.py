@@ -46,13 +46,16 @@ class FrameSource(Protocol):
 
 
 class LocalFrames:
-    """Decodes in a thread of this process, up to `ahead` chunks before they are taken."""
+    """Decodes in a thread of this process, up to `ahead` chunks before they are taken, in the
+    tracker's order (media.chunk_plan: forward from `prompt_frame`, then backward)."""
 
-    def __init__(self, path: str | os.PathLike, info: VideoInfo, chunk_frames: int = 16, ahead: int = 2) -> None:
-        from serve_app.video.decode import iter_chunks
+    def __init__(self, path: str | os.PathLike, info: VideoInfo, chunk_frames: int = 16, ahead: int = 2,
+                 prompt_frame: int = 0) -> None:
+        from serve_app.video.decode import iter_plan
         from serve_app.video.threads import ReadAhead
 
-        self._read = ReadAhead(iter_chunks(path, info, chunk_frames_for(info, chunk_frames)), depth=ahead, name="decode")
+        size = chunk_frames_for(info, chunk_frames)
+        self._read = ReadAhead(iter_plan(path, info, size, prompt_frame), depth=ahead, name="decode")
 
     @property
     def timings(self) -> StageTimings:
@@ -171,9 +174,71 @@ def write(batches: Iterable[TrackedBatch], frames: FrameBuffer | None, info: Vid
     """Composite each frame's detections and encode the mp4 (audio from `src_path`), and with
     `objects_path` write objects.json (video/objects.py).
 
-    `batches` must hold exactly one Detections per frame, in order; `frames` gives the input's
-    pixels in overlay mode (None in mask mode). Yields the frames written so far after each
-    frame; returns the tracker stage's timings with composite and encode added (`finish`)."""
+    `batches` must hold exactly one Detections per frame, in the tracker's order: presentation
+    order, or with `config.prompt_frame` forward from it and then backward (those are put back in
+    order: `Reordered`). `frames` gives the input's pixels in overlay mode (None in mask mode).
+    Yields the frames done so far after each frame (tracked, while they are put in order;
+    written); returns the tracker stage's timings with composite and encode added (`finish`)."""
+    if not config.prompt_frame:
+        return (yield from _written(batches, frames, info, config, src_path, dst_path, preset, objects_path, deadline))
+    reordered = Reordered()
+    try:
+        for batch in batches:
+            if deadline is not None:
+                deadline.check(len(reordered))
+            yield reordered.add(batch)
+        return (yield from _written(reordered.replay(info.num_frames), frames, info, config, src_path, dst_path,
+                                    preset, objects_path, deadline, done=info.num_frames))
+    finally:
+        reordered.close()
+
+
+class Reordered:
+    """A prompt frame's detections, which come forward from it and then backward, put back in
+    presentation order: kept on disk until frame 0 has come (masks bit-packed and compressed,
+    a few KB a frame), so memory stays flat whatever the video's length."""
+
+    def __init__(self) -> None:
+        from serve_app.spool import Spool
+
+        self.spill = Spool(suffix=".detections")
+        self.where: dict[int, tuple[int, int]] = {}  # frame -> (offset, length) in the spill
+        self.timings = StageTimings()
+
+    def __len__(self) -> int:
+        return len(self.where)
+
+    def add(self, batch: TrackedBatch) -> int:
+        import pickle
+        import zlib
+
+        self.timings = batch.timings
+        for dets in batch.detections:
+            data = zlib.compress(pickle.dumps(dets, protocol=pickle.HIGHEST_PROTOCOL), 1)
+            self.where[dets.frame_index] = (self.spill.size, len(data))
+            self.spill.write(data)
+        return len(self.where)
+
+    def replay(self, num_frames: int) -> Iterator[TrackedBatch]:
+        import pickle
+        import zlib
+
+        if len(self.where) != num_frames or set(self.where) != set(range(num_frames)):
+            raise ModelError(f"tracker returned {len(self.where)} distinct frames; the video has {num_frames}")
+        with open(self.spill.done(), "rb") as f:
+            for index in range(num_frames):
+                offset, length = self.where[index]
+                f.seek(offset)
+                yield TrackedBatch([pickle.loads(zlib.decompress(f.read(length)))], self.timings)
+
+    def close(self) -> None:
+        self.spill.remove()
+
+
+def _written(batches: Iterable[TrackedBatch], frames: FrameBuffer | None, info: VideoInfo, config: JobConfig,
+             src_path: str | os.PathLike, dst_path: str | os.PathLike, preset: str | None,
+             objects_path: str | os.PathLike | None, deadline: Deadline | None,
+             done: int | None = None) -> Generator[int, None, StageTimings]:
     from serve_app.video.composite import Compositor
     from serve_app.video.encode import Mp4Writer
     from serve_app.video.objects import ObjectsWriter
@@ -181,10 +246,12 @@ def write(batches: Iterable[TrackedBatch], frames: FrameBuffer | None, info: Vid
 
     timings, composite_s = StageTimings(), 0.0
     width, height = info.display_size
-    compositor = Compositor(config.mode, config.alpha, height=height, width=width, in_place=True)
+    # Labels name each object's concept when the job asked for several (`prompts`).
+    compositor = Compositor(config.mode, config.alpha, height=height, width=width, in_place=True,
+                            concepts=config.concepts if config.prompts is not None else None)
     written = 0
     with Mp4Writer(dst_path, info, audio_source=src_path, preset=preset or DEFAULT_PRESETS[config.mode]) as writer, \
-            closing(ObjectsWriter(objects_path, info)) if objects_path else nullcontext() as objects:
+            closing(ObjectsWriter(objects_path, info, config.concepts)) if objects_path else nullcontext() as objects:
         # libx264 and the colour conversion run in their own thread while the next frame is composited.
         encoder = WriteBehind(writer.write, depth=4, name="encode")
         try:
@@ -202,7 +269,7 @@ def write(batches: Iterable[TrackedBatch], frames: FrameBuffer | None, info: Vid
                     composite_s += time.perf_counter() - t
                     encoder.put(picture)  # waits while the encoder is behind; its busy time is encode_ms
                     written += 1
-                    yield written
+                    yield done or written
         except BaseException:
             encoder.close(raise_failure=False)  # the error in hand is the one to report
             raise
@@ -236,15 +303,22 @@ def run_local(src_path: str | os.PathLike, dst_path: str | os.PathLike, config: 
     start = time.perf_counter()
     info = probe(src_path, limits)
     probe_ms = (time.perf_counter() - start) * 1e3
-    source = LocalFrames(src_path, info, chunk_frames)
-    frames = FrameBuffer(source) if config.mode == "overlay" else None
-    batches = track(tracker, frames or source, info, config)
+    config.check_video(info)
+    source = LocalFrames(src_path, info, chunk_frames, prompt_frame=config.prompt_frame)
+    # Overlay pixels: the tracker's own frames, when it reads in presentation order; else a decode
+    # of their own (the tracker's order is the prompt frame's both ways).
+    pixels = (LocalFrames(src_path, info, chunk_frames) if config.prompt_frame else source) \
+        if config.mode == "overlay" else None
+    frames = FrameBuffer(pixels) if pixels is not None else None
+    batches = track(tracker, frames if pixels is source else source, info, config)
     try:
         steps = write(batches, frames, info, config, src_path, dst_path, preset=preset, objects_path=objects_path)
         timings = finish(steps, info.num_frames, progress)
     finally:
         batches.close()  # a tracker stopped early frees its session now
         source.close()
+        if pixels is not None:
+            pixels.close()
     timings.probe_ms = probe_ms
     timings.total_ms = (time.perf_counter() - start) * 1e3
     return timings

@@ -37,7 +37,7 @@ class ScriptedTracker(ColorShapeTracker):
         self.crash_after = crash_after
 
     def track(self, chunks: Iterable[FrameChunk], info: VideoInfo, config: JobConfig) -> Iterator[Detections]:
-        words = set(re.findall(r"[a-z]+", config.prompt.lower()))
+        words = set(re.findall(r"[a-z]+", " ".join(config.concepts).lower()))
         for n, dets in enumerate(super().track(chunks, info, config)):
             if n == self.crash_after and "crash" in words:
                 os._exit(17)

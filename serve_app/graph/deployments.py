@@ -107,10 +107,11 @@ class DecoderDeployment:
     async def _register(self, job_id: str) -> str:
         return job_id
 
-    async def chunk(self, video: VideoRef, info: VideoInfo, job_id: str, index: int, chunk_frames: int) -> PulledChunk:
+    async def chunk(self, video: VideoRef, info: VideoInfo, job_id: str, index: int, chunk_frames: int,
+                    prompt_frame: int = 0) -> PulledChunk:
         if self.routed and index == 0:
             await self._register(job_id)
-        pulled = await asyncio.to_thread(self.readers.chunk, video, info, job_id, index, chunk_frames)
+        pulled = await asyncio.to_thread(self.readers.chunk, video, info, job_id, index, chunk_frames, prompt_frame)
         pulled.node = self.node
         if job_id not in self.readers.jobs():  # its last chunk: trim once the chunk has been sent
             asyncio.get_running_loop().call_later(1.0, give_back_memory)
@@ -138,7 +139,8 @@ class TrackerDeployment:
     @stoppable
     def track(self, video: VideoRef, info: VideoInfo, config: JobConfig, deadline: Deadline) -> Iterator[TrackedBatch]:
         try:
-            yield from track(self.tracker, self.decoder.frames(video, info), info, config, deadline=deadline)
+            frames = self.decoder.frames(video, info, config.prompt_frame)
+            yield from track(self.tracker, frames, info, config, deadline=deadline)
         finally:
             give_back_memory()
 

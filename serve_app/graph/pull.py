@@ -23,21 +23,21 @@ from typing import Any
 
 from serve_app.errors import ModelError
 from serve_app.graph.wire import PulledChunk, VideoRef
-from serve_app.media import FrameChunk, StageTimings, VideoInfo, chunk_frames_for
+from serve_app.media import FrameChunk, StageTimings, VideoInfo, chunk_frames_for, chunk_plan
 from serve_app.ray_compat import prefer_local_routing
 from serve_app.spool import spooled
 
 
-def num_chunks(info: VideoInfo, chunk_frames: int) -> int:
-    return -(-info.num_frames // chunk_frames)
-
-
 class _OpenVideo:
-    """One job's video, open at the next chunk. Every method but `close` runs with `lock` held."""
+    """One job's video, open at the next chunk of its plan (media.chunk_plan: forward from the
+    prompt frame, then backward). Every method but `close` runs with `lock` held."""
 
-    def __init__(self, video: VideoRef, info: VideoInfo, chunk_frames: int, max_stash: int) -> None:
+    def __init__(self, video: VideoRef, info: VideoInfo, chunk_frames: int, max_stash: int, prompt_frame: int) -> None:
         self.lock = threading.Lock()
         self.video, self.info, self.chunk_frames, self.max_stash = video, info, chunk_frames, max_stash
+        self.plan = chunk_plan(info.num_frames, chunk_frames, prompt_frame)
+        self.forward = {first: i for i, (first, _, step) in enumerate(self.plan) if step == 1}
+        self.served: set[int] = set()
         self.reader = None
         self.path: str | None = None
         self.files = ExitStack()
@@ -48,44 +48,57 @@ class _OpenVideo:
         self.last_used = 0.0
 
     def serve(self, index: int) -> tuple[FrameChunk, int, bool]:
-        """(chunk `index`, frames decoded here for nothing, whether the video was opened for it).
-        Frames are decoded for nothing when another replica served earlier chunks of the job."""
-        from serve_app.video.decode import ChunkReader
-
+        """(chunk `index` of the plan, frames decoded here for nothing, whether the video was
+        opened for it). Frames are decoded for nothing when another replica served earlier
+        chunks of the job (a backward chunk's way from its keyframe is not counted)."""
+        self.served.add(index)
         wasted = 0
         for stale in [i for i in self.stash if i < index - self.max_stash]:
             wasted += len(self.stash.pop(stale))  # passed by the tracker: another replica served it
         if index in self.stash:
             return self.stash.pop(index), wasted, False
-        wanted = index * self.chunk_frames
-        if self.closed or (self.reader is not None and self.reader.position > wanted):
+        first, count, step = self.plan[index]
+        if self.closed or (step == 1 and self.reader is not None and self.reader.position > first):
             return self._once(index)  # behind this reader (or evicted): leave it where it is
-        opened = self.reader is None
-        if opened:
-            self.path = self.files.enter_context(spooled(self.video.get()))
-            self.reader = self.files.enter_context(closing(ChunkReader(self.path, self.info, self.chunk_frames)))
-        gap = (wanted - self.reader.position) // self.chunk_frames
+        opened = self._open_reader()
+        if step == -1:  # backward: the frames before the one read last, from the keyframe before them
+            self.reader.seek(first - count + 1)
+            return self.reader.read(count).backward(), wasted, opened
+        gap = (first - self.reader.position) // self.chunk_frames
         if opened or gap > self.max_stash:
-            wasted += wanted - self.reader.position
-            self.reader.skip(wanted - self.reader.position)
+            wasted += first - self.reader.position
+            self.reader.skip(first - self.reader.position)
         else:
-            while self.reader.position < wanted:
-                chunk = self.reader.read()
-                self.stash[chunk.start // self.chunk_frames] = chunk
-        return self.reader.read(), wasted, opened
+            while self.reader.position < first:
+                chunk = self.reader.read(min(self.chunk_frames, first - self.reader.position))
+                if chunk.start in self.forward:
+                    self.stash[self.forward[chunk.start]] = chunk
+        return self.reader.read(count), wasted, opened
 
     def done(self) -> bool:
-        """Read to the end, and no chunk kept for a call still on its way."""
-        return self.reader is not None and self.reader.position >= self.info.num_frames and not self.stash
+        """The plan's last chunk served (the video's end, or its first frames after a backward
+        pass), and none kept for a call still on its way."""
+        return len(self.plan) - 1 in self.served and not self.stash
+
+    def _open_reader(self) -> bool:
+        from serve_app.video.decode import ChunkReader
+
+        if self.reader is not None:
+            return False
+        self.path = self.files.enter_context(spooled(self.video.get()))
+        self.reader = self.files.enter_context(closing(ChunkReader(self.path, self.info, self.chunk_frames)))
+        return True
 
     def _once(self, index: int) -> tuple[FrameChunk, int, bool]:
         from serve_app.video.decode import ChunkReader
 
+        first, count, step = self.plan[index]
         with ExitStack() as files:
             path = self.path if not self.closed else files.enter_context(spooled(self.video.get()))
             reader = files.enter_context(closing(ChunkReader(path, self.info, self.chunk_frames)))
-            reader.skip(index * self.chunk_frames)
-            return reader.read(), index * self.chunk_frames, True
+            reader.seek(first if step == 1 else first - count + 1)
+            chunk = reader.read(count)
+            return (chunk if step == 1 else chunk.backward()), first, True
 
     def close(self) -> None:
         with self.lock:
@@ -107,13 +120,16 @@ class OpenReaders:
         self._readers: OrderedDict[str, _OpenVideo] = OrderedDict()
         self._stop = threading.Event()
 
-    def chunk(self, video: VideoRef, info: VideoInfo, job_id: str, index: int, chunk_frames: int = 0) -> PulledChunk:
-        """Frames [index * chunk_frames, ...) of the video (the last chunk shorter); the job's
-        calls all name the same `chunk_frames` (default: the replica's)."""
+    def chunk(self, video: VideoRef, info: VideoInfo, job_id: str, index: int, chunk_frames: int = 0,
+              prompt_frame: int = 0) -> PulledChunk:
+        """Chunk `index` of the job's plan (media.chunk_plan: `chunk_frames` frames a chunk,
+        forward from `prompt_frame`, then backward); the job's calls all name the same
+        `chunk_frames` (default: the replica's) and `prompt_frame`."""
         chunk_frames = chunk_frames or self.chunk_frames
-        if not 0 <= index < num_chunks(info, chunk_frames):
-            raise ValueError(f"chunk {index} asked for; the video has {num_chunks(info, chunk_frames)}")
-        entry = self._open(video, info, job_id, chunk_frames)
+        chunks = len(chunk_plan(info.num_frames, chunk_frames, prompt_frame))
+        if not 0 <= index < chunks:
+            raise ValueError(f"chunk {index} asked for; the video has {chunks}")
+        entry = self._open(video, info, job_id, chunk_frames, prompt_frame)
         try:
             with entry.lock:  # not timed while waiting here: that is another call's decoding
                 start = time.perf_counter()
@@ -129,11 +145,13 @@ class OpenReaders:
             self.close(job_id, entry)
         return PulledChunk(chunk, busy * 1e3, time.time(), wasted, opened)
 
-    def _open(self, video: VideoRef, info: VideoInfo, job_id: str, chunk_frames: int) -> _OpenVideo:
+    def _open(self, video: VideoRef, info: VideoInfo, job_id: str, chunk_frames: int, prompt_frame: int) -> _OpenVideo:
         with self._lock:
             entry = self._readers.get(job_id)
             if entry is None:
-                entry = self._readers[job_id] = _OpenVideo(video, info, chunk_frames, self.max_stash)
+                entry = self._readers[job_id] = _OpenVideo(video, info, chunk_frames, self.max_stash, prompt_frame)
+            elif info.pts and not entry.info.pts:  # the call that brings timestamps (to seek by)
+                entry.info = info
             entry.last_used = self.clock()  # not idle: it must not expire below
             self._readers.move_to_end(job_id)
             gone = self._expired_locked()
@@ -193,8 +211,8 @@ class RemoteDecoder:
     chunk_frames: int = 16
     ahead: int = 2
 
-    def frames(self, video: VideoRef, info: VideoInfo) -> "PulledFrames":
-        return PulledFrames(self, video, info)
+    def frames(self, video: VideoRef, info: VideoInfo, prompt_frame: int = 0) -> "PulledFrames":
+        return PulledFrames(self, video, info, prompt_frame)
 
     def prefer_local(self) -> None:
         """Send each job's first call to a decoder on this node when there is one (Serve's
@@ -208,8 +226,8 @@ class PulledFrames:
     i, chunks up to i + `ahead` are asked for. `timings` sums each call's decode time and counts
     how the pull went (StageTimings.decode_*)."""
 
-    def __init__(self, remote: RemoteDecoder, video: VideoRef, info: VideoInfo) -> None:
-        self.remote, self.video, self.info = remote, video, info
+    def __init__(self, remote: RemoteDecoder, video: VideoRef, info: VideoInfo, prompt_frame: int = 0) -> None:
+        self.remote, self.video, self.info, self.prompt_frame = remote, video, info, prompt_frame
         self.timings = StageTimings()
 
     def __iter__(self) -> Iterator[FrameChunk]:
@@ -218,10 +236,13 @@ class PulledFrames:
         # The first call goes without it, so locality (prefer_local) picks its replica.
         decoder = self.remote.handle.options(multiplexed_model_id=job_id)
         here = node_id()
-        # Decoding needs no timestamps; 18,000 of them would travel with every call (~90 KB).
-        sent = replace(self.info, pts=())
+        # Reading forward needs no timestamps, and 18,000 of them would travel with every call
+        # (~90 KB): they go with the first call and the first backward one, which seek by them.
+        bare = replace(self.info, pts=())
         size = chunk_frames_for(self.info, self.remote.chunk_frames)
-        total, ahead = num_chunks(self.info, size), self.remote.ahead
+        plan = chunk_plan(self.info.num_frames, size, self.prompt_frame)
+        total, ahead = len(plan), self.remote.ahead
+        timed = {0, next((i for i, (_, _, step) in enumerate(plan) if step == -1), 0)}
         pending: deque = deque()
         issued = 0
         decoded: list[float] = []
@@ -232,10 +253,11 @@ class PulledFrames:
                 # Serve's router, and calls sent before the router knows would land anywhere.
                 while issued < min(total, index + 1 + (ahead if index else 0)):
                     via = decoder if issued else self.remote.handle
-                    pending.append(via.chunk.remote(self.video, sent, job_id, issued, size))
+                    sent = self.info if issued in timed else bare
+                    pending.append(via.chunk.remote(self.video, sent, job_id, issued, size, self.prompt_frame))
                     issued += 1
                 pulled: PulledChunk = pending.popleft().result()
-                if pulled.chunk.start != index * size:
+                if (pulled.chunk.start, pulled.chunk.step) != (plan[index][0], plan[index][2]):
                     raise ModelError(f"decoder returned frame {pulled.chunk.start} for chunk {index}")
                 decoded.append(pulled.decoded_at)
                 self.timings.decode_ms += pulled.decode_ms

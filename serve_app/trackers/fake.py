@@ -1,12 +1,15 @@
 """ColorShapeTracker: a deterministic CPU stand-in for SAM 3. A test double, not a model.
 
-It finds solid coloured shapes by the colour words in the prompt ("red", "green", "blue",
-"yellow"; a prompt without one finds nothing), so the right answer is known on the clips of
-`serve_app.synthetic`. It behaves like SAM 3 where the service depends on it: one Detections
-per frame in order, ids stable across frames and new ids for shapes that appear later, a score
-fixed at the object's birth (its colour saturation, so pale shapes score low), boxes as
-normalised xywh derived from the masks, masks at video resolution. It lets the whole service
-run, and be tested, without a GPU or weights.
+It finds solid coloured shapes by the colour words in each concept of the job ("red", "green",
+"blue", "yellow"; a concept without one finds nothing), so the right answer is known on the
+clips of `serve_app.synthetic`. It behaves like SAM 3 where the service depends on it: one
+Detections per frame in the order it takes them (forward from the prompt frame, then backward
+from it), ids stable across frames and new ids for shapes that appear later, a score fixed at
+the object's birth (its colour saturation, so pale shapes score low), each object's concept,
+boxes as normalised xywh derived from the masks, masks at video resolution. Exemplar boxes on
+the prompt frame select the shapes they overlap (their colour becomes a concept of its own,
+-1) or, negative, drop them for good. It lets the whole service run, and be tested, without a
+GPU or weights.
 
 With `frame_delay_s` set (standing in for a GPU's time per frame) it runs as SAM 3 does: on
 one model thread per tracker (trackers/worker.py), jobs interleaved frame by frame up to
@@ -75,34 +78,61 @@ class ColorShapeTracker:
 
     def _session(self, feed: Feed, config: JobConfig) -> Iterator[None]:
         """One job on the model thread, a step per frame (worker.ModelWorker interleaves them)."""
-        colours = self.colours(config.prompt)
+        wanted = [(colour, k) for k, concept in enumerate(config.concepts) for colour in self.colours(concept)]
         previous: list[_Blob] = []
+        dropped: list[_Blob] = []  # shapes a negative box dropped, followed so they stay dropped
+        at_prompt: tuple[list[_Blob], list[_Blob]] = ([], [])
         next_id = 0
         left = [0]  # frames of the current chunk still to do: the next step needs no new chunk
         feed.holding = lambda: left[0] > 0
         while (chunk := feed.pull()) is not None:
-            for offset, frame in enumerate(chunk.frames):
+            for offset, (index, frame) in enumerate(zip(chunk.indices(), chunk.frames)):
                 left[0] = len(chunk) - offset - 1
                 height, width = frame.shape[:2]
-                current, newborn = [], []
-                for colour in colours:
+                if index == config.prompt_frame:
+                    wanted, dropped = self._exemplars(frame, config, wanted)
+                elif index == config.prompt_frame - 1:  # the backward pass starts from the prompt frame
+                    previous, dropped = at_prompt
+                current, newborn, still_dropped = [], [], []
+                for colour, concept in wanted:
                     for score, box, crop in self._find(frame, colour):
-                        match = self._match(colour, box, crop, previous)
-                        if match is None:
-                            newborn.append((score, colour, box, crop))
+                        if (gone := self._match(colour, box, crop, dropped)) is not None:
+                            still_dropped.append(gone._replace(box=box, crop=crop))
+                        elif (match := self._match(colour, box, crop, previous)) is None:
+                            newborn.append((score, colour, concept, box, crop))
                         else:  # the score is fixed at the object's birth
-                            current.append(_Blob(match.id, colour, match.score, box, crop))
+                            current.append(match._replace(box=box, crop=crop))
                 # As SAM 3 does: at most max_objects tracked, new ones born highest score first.
-                for score, colour, box, crop in sorted(newborn, key=lambda b: -b[0])[:config.max_objects - len(current)]:
-                    current.append(_Blob(next_id, colour, score, box, crop))
+                for score, colour, concept, box, crop in sorted(newborn, key=lambda b: -b[0])[
+                        :config.max_objects - len(current)]:
+                    current.append(_Blob(next_id, colour, score, box, crop, concept))
                     next_id += 1
-                previous = current
+                previous, dropped = current, still_dropped
+                if index == config.prompt_frame:
+                    at_prompt = (current, still_dropped)
                 if self.config.frame_delay_s:
                     time.sleep(self.config.frame_delay_s)
-                feed.emit(_detections(chunk.start + offset, current, height, width))
+                feed.emit(_detections(index, current, height, width))
                 yield
         feed.emit(DONE)
 
+    def _exemplars(self, frame: np.ndarray, config: JobConfig,
+                   wanted: list[tuple[str, int]]) -> tuple[list[tuple[str, int]], list[_Blob]]:
+        """On the prompt frame: a positive box's shapes make their colour a concept (-1, a
+        visual one) unless a text names it; a negative box's shapes are dropped."""
+        wanted, dropped = list(wanted), []
+        for b in config.boxes:
+            x, y, w, h = b.box
+            for colour in HUES:
+                for score, box, crop in self._find(frame, colour):
+                    y0, y1, x0, x1 = box
+                    if not (x0 < x + w and x < x1 and y0 < y + h and y < y1):
+                        continue
+                    if not b.label:
+                        dropped.append(_Blob(-1, colour, score, box, crop, -1))
+                    elif all(c != colour for c, _ in wanted):
+                        wanted.append((colour, -1))
+        return wanted, dropped
     def _member(self, rgb: np.ndarray, colour: str) -> np.ndarray:
         """uint8 (h, w), 255 where a pixel of `rgb` counts as `colour`."""
         import cv2
@@ -218,6 +248,7 @@ class _Blob(NamedTuple):
     score: float
     box: tuple[int, int, int, int]       # y0, y1, x0, x1 (end-exclusive)
     crop: np.ndarray                     # bool mask inside the box
+    concept: int = 0                     # its index in the job's concepts; -1 found by a box alone
 
 
 def _detections(index: int, objects: list[_Blob], height: int, width: int) -> Detections:
@@ -236,4 +267,5 @@ def _detections(index: int, objects: list[_Blob], height: int, width: int) -> De
         scores=np.array([o.score for o in objects], np.float32),
         boxes_xywh=np.array(boxes, np.float32),
         masks=masks,
+        concepts=np.array([o.concept for o in objects], np.int16),
     )

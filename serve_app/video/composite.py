@@ -44,9 +44,11 @@ def _bbox(mask: np.ndarray) -> tuple[int, int, int, int] | None:
     return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
 
 
-def render_overlay(frame: np.ndarray, dets: Detections, alpha: float, in_place: bool = False) -> np.ndarray:
-    """(H, W, 3) uint8 RGB: `frame` with each object's mask, box and `id=<N>, p=<score>` label;
-    drawn on `frame` itself with `in_place` (a C-contiguous uint8 RGB frame)."""
+def render_overlay(frame: np.ndarray, dets: Detections, alpha: float, in_place: bool = False,
+                   concepts: list[str] | None = None) -> np.ndarray:
+    """(H, W, 3) uint8 RGB: `frame` with each object's mask, box and `id=<N>, p=<score>` label
+    (`<concept> id=<N>, p=<score>` with the job's `concepts`); drawn on `frame` itself with
+    `in_place` (a C-contiguous uint8 RGB frame)."""
     import cv2
 
     overlay = frame if in_place else np.array(frame[..., :3], dtype=np.uint8, order="C", copy=True)
@@ -73,6 +75,9 @@ def render_overlay(frame: np.ndarray, dets: Detections, alpha: float, in_place: 
         x2, y2 = int((x + w) * width), int((y + h) * height)
         cv2.rectangle(overlay, (x1, y1), (x2, y2), color255, _BOX_THICKNESS)
         label = f"id={obj_id}, p={dets.scores[i]:.2f}"
+        concept = -1 if concepts is None or dets.concepts is None else int(dets.concepts[i])
+        if concept >= 0:
+            label = f"{concepts[concept]} {label}"
         cv2.putText(overlay, label, (x1, max(y1 - 10, 0)), cv2.FONT_HERSHEY_SIMPLEX, _FONT_SCALE,
                     color255, 1, cv2.LINE_AA)
     return overlay
@@ -87,15 +92,16 @@ class Compositor:
     cost more than the drawing).
     """
 
-    def __init__(self, mode: str, alpha: float, height: int, width: int, in_place: bool = False) -> None:
+    def __init__(self, mode: str, alpha: float, height: int, width: int, in_place: bool = False,
+                 concepts: list[str] | None = None) -> None:
         if mode not in ("mask", "overlay"):
             raise ValueError(f"mode is {mode!r}; it must be 'mask' or 'overlay'")
         self.mode, self.alpha, self.height, self.width = mode, float(alpha), height, width
-        self.in_place = in_place
+        self.in_place, self.concepts = in_place, concepts
 
     def __call__(self, frame: np.ndarray | None, dets: Detections) -> np.ndarray:
         if self.mode == "mask":
             return render_mask(dets, self.height, self.width)
         if frame is None:
             raise ValueError("overlay mode needs the frame's pixels")
-        return render_overlay(frame, dets, self.alpha, self.in_place)
+        return render_overlay(frame, dets, self.alpha, self.in_place, self.concepts)

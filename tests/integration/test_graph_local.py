@@ -85,3 +85,21 @@ def test_the_service_keeps_answering_after_errors(handle, clip):
         with pytest.raises(ServiceError):
             handle.segment.remote(b"", {"prompt": "red"}).result()
     assert read_video(handle.segment.remote(clip, {"prompt": "red"}).result()).frames
+
+
+def test_concepts_and_a_prompt_frame_through_the_graph(handle, clip):
+    """Two concepts prompted on frame 30 of 40: the decoder serves the chunks forward then
+    backward, the encoder puts the detections back in order; the masks are the truth's."""
+    import json
+
+    config = {"prompts": ["red", "blue and green"], "prompt_frame": 30, "outputs": ["video", "objects"]}
+    result = handle.segment_result.remote(clip, config).result()
+    assert mask_iou(result.mp4, {"red", "blue", "green"}, SHAPES_W, SHAPES_H, SHAPES_N, SHAPES_FPS) > 0.9
+    objects = json.loads(result.objects)
+    assert objects["prompts"] == ["red", "blue and green"]
+    assert {o["prompt"] for frame in objects["frames"] for o in frame} == {"red", "blue and green"}
+
+
+def test_a_prompt_frame_past_the_video_is_refused_before_any_work(handle, clip):
+    with pytest.raises(InvalidJob, match=f"config.prompt_frame is {SHAPES_N}; the video has {SHAPES_N} frames"):
+        handle.segment.remote(clip, {"prompt": "red", "prompt_frame": SHAPES_N}).result()

@@ -161,3 +161,42 @@ def test_a_truncated_file_fails_from_a_start_index_too(tmp_path):
     with pytest.raises(UnsupportedMedia, match="of 60 frames decode|damaged"):
         for _ in iter_chunks(cut, info, start=40):
             pass
+
+
+@pytest.mark.parametrize("clip, decoder", [(c, d) for c, (_, ds) in START_CLIPS.items() for d in ds])
+def test_a_backward_pass_reads_the_same_frames_chunk_by_chunk_in_reverse(tmp_path, clip, decoder):
+    """What a prompt on a later frame needs: chunks read in reverse, each by seeking back (from
+    the keyframe before it, with PyAV), give the full decode's very pixels."""
+    from serve_app.media import chunk_plan
+    from serve_app.video.decode import ChunkReader
+
+    path = make_video(tmp_path / f"{clip}.mp4", **START_CLIPS[clip][0])
+    info = as_decoder(probe(path), decoder)
+    _, full = decode_all(path, info, chunk_frames=4)
+    for prompt_frame in sorted({1, info.num_frames // 2, info.num_frames - 1}):
+        reader = ChunkReader(path, info, chunk_frames=4)
+        try:
+            for first, count, step in chunk_plan(info.num_frames, 4, prompt_frame):
+                reader.seek(first if step == 1 else first - count + 1)
+                chunk = reader.read(count)
+                want = full[first:first + count] if step == 1 else full[first - count + 1:first + 1]
+                assert np.array_equal(chunk.frames, want), f"{clip}/{decoder} {first} {count} {step}"
+        finally:
+            reader.close()
+
+
+def test_a_backward_pass_survives_keyframes_ffmpeg_cannot_decode_from(cockatoo):
+    """The cockatoo clip's later IDR frames decode corrupt after a seek (FFmpeg flags them): the
+    reader goes back further rather than hand the tracker broken frames."""
+    from serve_app.media import chunk_plan
+    from serve_app.video.decode import ChunkReader
+
+    info = as_decoder(probe(cockatoo), "pyav")
+    _, full = decode_all(cockatoo, info, chunk_frames=32)
+    reader = ChunkReader(cockatoo, info, chunk_frames=32)
+    try:
+        for first, count, step in chunk_plan(info.num_frames, 32, 200)[2:]:  # the backward chunks
+            reader.seek(first - count + 1)
+            assert np.array_equal(reader.read(count).frames, full[first - count + 1:first + 1]), first
+    finally:
+        reader.close()

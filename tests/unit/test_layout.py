@@ -75,7 +75,7 @@ def test_no_import_cycles_counting_imports_inside_functions():
 def test_the_cycle_finder_sees_a_cycle_made_by_a_lazy_import():
     edges = graph()
     edges["serve_app.errors"] = edges["serve_app.errors"] | {"serve_app.contract"}  # contract imports errors
-    assert ["serve_app.contract", "serve_app.errors"] in cycles(edges)
+    assert any({"serve_app.contract", "serve_app.errors"} <= set(cycle) for cycle in cycles(edges))
 
 
 def test_no_module_takes_another_modules_private_names():

@@ -200,3 +200,49 @@ def test_closing_the_stage_closes_the_tracker_and_its_frames():
     next(stage)
     stage.close()
     assert closed == ["tracker"] and frames.closed
+
+
+# -- a prompt on a later frame, several concepts, boxes ---------------------------------------------
+def test_a_prompt_frame_gives_the_same_masks_in_presentation_order(clip, tmp_path):
+    """The stand-in finds its shapes on every frame, so a prompt on frame 25, tracked forward then
+    backward and put back in order, gives the very masks a prompt on frame 0 gives."""
+    first, later = tmp_path / "first.mp4", tmp_path / "later.mp4"
+    run_local(clip, first, JobConfig(prompt="red blue"), ColorShapeTracker())
+    done = []
+    run_local(clip, later, JobConfig(prompt="red blue", prompt_frame=25), ColorShapeTracker(),
+              progress=lambda n, total: done.append(n))
+    a, b = read_frames(first, "gray"), read_frames(later, "gray")
+    assert len(b) == N and all(np.array_equal(x >= 128, y >= 128) for x, y in zip(a, b))
+    assert done == sorted(done) and done[-1] == N  # the frames tracked in both passes, then written
+
+
+def test_a_prompt_frame_overlay_draws_every_frame_on_its_own_pixels(clip, tmp_path):
+    out = tmp_path / "overlay.mp4"
+    run_local(clip, out, JobConfig(prompt="blue", mode="overlay", prompt_frame=N - 1), ColorShapeTracker())
+    src, dst = read_frames(clip, "rgb24"), read_frames(out, "rgb24")
+    assert len(dst) == N
+    for i in (0, N // 2, N - 1):  # the blue square is drawn where it is on that frame, not elsewhere
+        inside = S.truth(i, N, W, H)[1]
+        diff = np.abs(dst[i].astype(int) - src[i].astype(int)).mean(axis=2)
+        assert diff[inside].mean() > 20 and np.median(diff[:H // 3, :W // 4]) < 3
+
+
+def test_several_concepts_objects_json_names_each_objects_prompt(clip, tmp_path):
+    import json
+
+    out, objects = tmp_path / "c.mp4", tmp_path / "c.objects.json"
+    config = JobConfig(prompts=["blue square", "yellow circle"], outputs=["video", "objects"])
+    run_local(clip, out, config, ColorShapeTracker(), objects_path=objects)
+    data = json.loads(objects.read_text())
+    assert data["prompts"] == ["blue square", "yellow circle"]
+    assert all(sorted(o["prompt"] for o in frame) == ["blue square", "yellow circle"] for frame in data["frames"])
+
+
+def test_what_only_the_video_can_refuse_is_refused_naming_it(clip, tmp_path):
+    from serve_app.errors import InvalidJob
+
+    with pytest.raises(InvalidJob, match=f"config.prompt_frame is {N}; the video has {N} frames, 0 to {N - 1}"):
+        run_local(clip, tmp_path / "x.mp4", JobConfig(prompt="red", prompt_frame=N), ColorShapeTracker())
+    with pytest.raises(InvalidJob, match=rf"config.boxes\[1\].box is .*; it must lie within the {W}x{H} picture"):
+        run_local(clip, tmp_path / "x.mp4", JobConfig(prompt="red", boxes=[
+            {"box": [0, 0, 10, 10]}, {"box": [W - 5, 0, 10, 10], "label": False}]), ColorShapeTracker())

@@ -186,12 +186,12 @@ class InProcessDecoders:
     def close_job(self):
         return _Call(lambda job_id: self.closed.append(job_id))
 
-    def remote(self, video, info, job_id, index, chunk_frames):
+    def remote(self, video, info, job_id, index, chunk_frames, prompt_frame=0):
         replica = self.replicas[self.calls % len(self.replicas)]
         self.calls += 1
         self.in_flight += 1
         self.most_in_flight = max(self.most_in_flight, self.in_flight)
-        return _Response(self, lambda: replica.chunk(video, info, job_id, index, chunk_frames))
+        return _Response(self, lambda: replica.chunk(video, info, job_id, index, chunk_frames, prompt_frame))
 
 
 class _Call:
@@ -271,3 +271,21 @@ def test_chunks_of_large_pictures_hold_fewer_frames():
     assert chunk_frames_for(info(7680, 4320)) == 1  # never none
     for width, height in ((1920, 1080), (3840, 2160)):
         assert chunk_frames_for(info(width, height)) * width * height * 3 <= CHUNK_BYTES
+
+
+@pytest.mark.parametrize("prompt_frame, replicas", [(13, 1), (13, 2), (N - 1, 1), (1, 2)])
+def test_a_prompt_frame_is_pulled_forward_then_backward_every_frame_once(clip, prompt_frame, replicas):
+    """What a prompt on a later frame asks of the decoder: the frames from it to the last, then
+    from the one before it back to the first, each the full decode's very pixels, and the job's
+    reader closed once its last backward chunk is served."""
+    video, info, full = clip
+    decoders = InProcessDecoders(replicas)
+    frames = RemoteDecoder(decoders, CF, ahead=2).frames(video, info, prompt_frame)
+    chunks = list(frames)
+    order = [i for c in chunks for i in c.indices()]
+    assert order == list(range(prompt_frame, N)) + list(range(prompt_frame - 1, -1, -1))
+    for chunk in chunks:
+        assert all(np.array_equal(f, full[i]) for f, i in zip(chunk.frames, chunk.indices()))
+    assert decoders.most_in_flight <= 3 and not decoders.closed
+    # The replica that served the last chunk closes the job's reader (another one's idles out).
+    assert any(replica.jobs() == [] for replica in decoders.replicas)
