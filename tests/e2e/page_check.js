@@ -2,13 +2,15 @@
 // as a user would: choose a file, fill the form, submit, wait for the result video or an error.
 //
 //   node page_check.js spec.json
-//   spec: {chromium, userDataDir, url, file, form: {prompt, mode, threshold, alpha, maxObjects, token},
-//          timeoutMs, seekTo}
+//   spec: {chromium, userDataDir, url, file, form: {prompt, concepts, promptFrame, boxes, mode, threshold,
+//          alpha, maxObjects, token}, timeoutMs, seekTo}
+//   (concepts: more concepts, added with "+ concept"; boxes: [{box: [x, y, w, h] in the video's
+//   pixels, label}], drawn with the mouse on the preview, shift held for a negative one)
 //
 // Prints one JSON line: {outcome: "result" | "error" | "timeout", error, progress: {value, max},
 // seen: [{value, max, stage}] (every progress the page displayed), stage, video: {readyState,
 // duration, videoWidth, videoHeight, src, seeked}, downloads, responses: [{method, path, status}],
-// console: [page errors]}.
+// posted: [the job JSON the service answered each submission with], console: [page errors]}.
 "use strict";
 const fs = require("fs");
 const { chromium } = require("playwright-core");
@@ -21,13 +23,17 @@ const ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "
   const context = await chromium.launchPersistentContext(spec.userDataDir, {
     executablePath: spec.chromium, headless: true, args: ARGS, timeout: 60000,
   });
-  const result = { responses: [], console: [] };
+  const result = { responses: [], console: [], posted: [] };
   try {
     const page = context.pages()[0] || await context.newPage();
     page.on("response", (r) => {
       const u = new URL(r.url());
       if (!u.protocol.startsWith("http")) return;  // blob: URLs
       result.responses.push({ method: r.request().method(), path: u.pathname, status: r.status() });
+    });
+    const answered = [];
+    page.on("response", (r) => {  // the job JSON the service echoed for each submission it took
+      if (r.request().method() === "POST" && r.status() === 201) answered.push(r.json().then((j) => result.posted.push(j)));
     });
     page.on("pageerror", (e) => result.console.push(String(e)));
     page.on("console", (m) => {  // HTTP errors are in `responses`; keep the script's own
@@ -38,7 +44,32 @@ const ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "
     result.pageStatus = loaded.status();
     const f = spec.form;
     await page.setInputFiles("#file", spec.file);
-    await page.fill("#prompt", f.prompt);
+    await page.fill("#prompt", f.prompt || "");
+    for (const [i, concept] of (f.concepts || []).entries()) {
+      await page.click("#add-concept");
+      await page.fill(`#prompt-${i + 2}`, concept);
+    }
+    if (f.promptFrame != null || (f.boxes || []).length) {
+      await page.waitForFunction(() => !document.getElementById("scrub").disabled, null, { timeout: 15000 });
+    }
+    if (f.promptFrame != null) {  // dragged on the scrubber as a person would: the field follows it
+      await page.fill("#frame", String(f.promptFrame));
+      await page.dispatchEvent("#frame", "change");
+      result.scrubbed = await page.evaluate(() => Number(document.getElementById("scrub").value));
+    }
+    for (const { box, label } of f.boxes || []) {
+      const r = await page.evaluate(() => {
+        const c = document.querySelector("#preview canvas").getBoundingClientRect();
+        return { x: c.left, y: c.top, sx: c.width / document.querySelector("#preview canvas").width,
+                 sy: c.height / document.querySelector("#preview canvas").height };
+      });
+      if (!label) await page.keyboard.down("Shift");
+      await page.mouse.move(r.x + box[0] * r.sx, r.y + box[1] * r.sy);
+      await page.mouse.down();
+      await page.mouse.move(r.x + (box[0] + box[2]) * r.sx, r.y + (box[1] + box[3]) * r.sy, { steps: 5 });
+      await page.mouse.up();
+      if (!label) await page.keyboard.up("Shift");
+    }
     if (f.mode) await page.selectOption("#mode", f.mode);
     if (f.threshold != null) await page.fill("#threshold", String(f.threshold));
     if (f.alpha != null) await page.fill("#alpha", String(f.alpha));
@@ -71,6 +102,7 @@ const ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "
         video.currentTime = t;
       }), spec.seekTo);
     }
+    await Promise.all(answered);
     Object.assign(result, await page.evaluate(() => {
       const bar = document.getElementById("progress"), error = document.getElementById("error");
       const video = document.querySelector("#result video");

@@ -96,3 +96,22 @@ def test_under_a_route_prefix_with_a_token(browser, strict, shapes):
     assert seen["outcome"] == "result", seen
     assert seen["video"]["src"].startswith("blob:") and seen["video"]["videoWidth"] == SHAPES_W, seen
     assert all(r["path"].startswith("/strict/") for r in seen["responses"]), seen["responses"]
+
+
+def test_concepts_a_prompt_frame_and_drawn_boxes(browser, graph, shapes):
+    """Two concepts, frame 25 chosen on the scrubber, a box drawn around the yellow circle and a
+    negative one around the pale red square: the job the page sends says all of it, and the
+    result plays."""
+    from tests.e2e.test_prompts import box_of
+
+    seen = browser.use(f"{graph}/", shapes, prompt="red", concepts=["blue"], promptFrame=25,
+                       boxes=[{"box": box_of(3, 25), "label": True}, {"box": box_of(4, 25), "label": False}])
+    assert seen["outcome"] == "result", seen
+    assert seen["scrubbed"] == 25
+    (job,) = seen["posted"]
+    config = job["config"]
+    assert config["prompts"] == ["red", "blue"] and config["prompt_frame"] == 25 and "prompt" not in config
+    assert [b["label"] for b in config["boxes"]] == [True, False]
+    for drawn, want in zip(config["boxes"], (box_of(3, 25), box_of(4, 25))):
+        assert all(abs(a - b) <= 2 for a, b in zip(drawn["box"], want)), (drawn, want)  # the mouse's pixels
+    assert seen["video"]["videoWidth"] == SHAPES_W
