@@ -4,6 +4,7 @@
     sam3-video segment ... --url http://host:8000          # through a running service
     sam3-video segment ... --local                         # every stage in this process, no Ray
     sam3-video serve [--address auto] [--port 8000]        # HTTP service on a local/joined Ray
+    sam3-video batch MANIFEST --out DEST [--address auto]  # many videos, resumable (exit 1: some failed)
     sam3-video synth clip.mp4                              # a synthetic clip, for dry runs
     sam3-video check-config serve_config.yaml cluster.yaml # the deploy files, offline
 
@@ -174,6 +175,63 @@ def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
+def _batch(args: argparse.Namespace) -> int:
+    """Every input of MANIFEST into DEST; 0 when all are done or skipped, 1 when any failed,
+    130 when stopped (a rerun finishes), 2 (main) when the batch cannot run."""
+    from serve_app.batch.dest import Dest
+    from serve_app.batch.manifest import load
+    from serve_app.batch.run import Batch, summary
+    from serve_app.batch.segmenters import HandleSegmenter, LocalSegmenter, connect
+
+    if args.address and (args.tracker != "sam3" or args.tracker_option or args.arg):
+        raise Refused("--tracker, --tracker-option and --arg configure the graph this command starts; with --address "
+                      "the cluster's app runs as it was deployed")
+    if args.inflight is not None and args.inflight < 1 or args.retries < 0:
+        raise Refused(f"--inflight must be at least 1 and --retries at least 0 (given {args.inflight}, {args.retries})")
+    items = load(args.manifest, _batch_config(args))  # every line checked before anything starts
+    dest = Dest(args.out)
+    try:
+        if args.local:
+            from serve_app.trackers import build, preflight
+
+            tracker = _tracker(args)
+            preflight(tracker)
+            segmenter = LocalSegmenter(build(tracker))
+        elif args.address:
+            segmenter = connect(args.address, args.app)
+        else:
+            from serve_app.app import start_app
+
+            segmenter = HandleSegmenter(start_app(_app_args(args, joining=False)))
+        # After ray.init: Ray's own SIGTERM handler exits at once; a stop must cancel the jobs in
+        # flight and write results.jsonl for what finished.
+        signal.signal(signal.SIGTERM, _interrupt)
+        report = Batch(items, dest, segmenter, inflight=args.inflight, retries=args.retries,
+                       show_progress=not args.quiet).run()
+    except KeyboardInterrupt:
+        print("stopped; run the same command again to finish", file=sys.stderr)
+        return 130
+    if not args.quiet:
+        print(summary(report, dest), file=sys.stderr)
+    return report.exit_code
+
+
+def _batch_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The job config the command line gives every input (a manifest line's own config wins)."""
+    try:
+        config = json.loads(args.config) if args.config else {}
+    except json.JSONDecodeError as exc:
+        raise Refused(f"--config is not JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise Refused(f"--config must be a JSON object, not {type(config).__name__}")
+    flags = {"prompt": args.prompt, "mode": args.mode, "alpha": args.alpha,
+             "confidence_threshold": args.confidence_threshold, "max_objects": args.max_objects}
+    config |= {k: v for k, v in flags.items() if v is not None}
+    if args.objects:
+        config["outputs"] = ["video", "objects"]
+    return config
+
+
 def _synth(args: argparse.Namespace) -> None:
     from serve_app.synthetic import write_clip
 
@@ -226,6 +284,33 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--arg", action="append", default=[], metavar="KEY=VALUE",
                      help="an AppArgs field (serve_app/app.py), e.g. tracker_max_replicas=2; repeatable")
 
+    bat = sub.add_parser("batch", help="segment every video a manifest names into a folder; a rerun skips what is done",
+                         description="MANIFEST: a .jsonl file ({\"input\", \"config\", \"output\"} per line), a .csv "
+                                     "(input,prompt[,mode,...] columns) or a glob of inputs with --prompt; paths or "
+                                     "fsspec URLs. Exit status 0: all done or skipped; 1: some failed (results.jsonl "
+                                     "says which and why); 2: the batch could not run.")
+    bat.add_argument("manifest", metavar="MANIFEST")
+    bat.add_argument("--out", required=True, metavar="DEST", help="a folder or fsspec URL: NAME.mp4, "
+                     "NAME.objects.json, NAME.done.json, results.jsonl")
+    bat.add_argument("--prompt", help="config for every input (a manifest line's config wins)")
+    bat.add_argument("--mode", choices=["mask", "overlay"])
+    bat.add_argument("--alpha", type=float)
+    bat.add_argument("--confidence-threshold", type=float)
+    bat.add_argument("--max-objects", type=int)
+    bat.add_argument("--objects", action="store_true", help="also write NAME.objects.json")
+    bat.add_argument("--config", help="a JSON job config for every input, e.g. '{\"prompt\": \"fish\"}'")
+    bat_where = bat.add_mutually_exclusive_group()
+    bat_where.add_argument("--address", help="run as a driver on this Ray cluster (e.g. auto), through its app's handle; "
+                           "default: start the graph here")
+    bat_where.add_argument("--local", action="store_true", help="run every stage in this process (no Ray)")
+    bat.add_argument("--app", default="sam3-video", help="the app's name on the cluster (with --address)")
+    tracker_flags(bat)
+    bat.add_argument("--arg", action="append", default=[], metavar="KEY=VALUE",
+                     help="an AppArgs field of the graph this command starts, repeatable")
+    bat.add_argument("--inflight", type=int, help="jobs in the graph at once; default: what it runs at once")
+    bat.add_argument("--retries", type=int, default=3, help="tries again after a 5xx or a lost replica (default 3)")
+    bat.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no closing table")
+
     syn = sub.add_parser("synth", help="write a synthetic clip of coloured shapes (for dry runs)")
     syn.add_argument("output")
     syn.add_argument("--width", type=int, default=640)
@@ -242,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    commands = {"segment": _segment, "serve": _serve, "synth": _synth, "check-config": _check_config}
+    commands = {"segment": _segment, "serve": _serve, "batch": _batch, "synth": _synth, "check-config": _check_config}
     try:
         return commands[args.command](args) or 0
     except (ServiceError, Refused) as exc:

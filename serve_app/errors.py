@@ -125,6 +125,18 @@ class StoreUnavailable(ServiceError):
     code = "store_unavailable"
 
 
+class InvalidBatch(ServiceError):
+    """A batch cannot start: its manifest, its flags or its destination (serve_app/batch)."""
+
+    code = "invalid_batch"
+
+
+class InputUnreadable(ServiceError):
+    """A batch input that cannot be read (gone, no permission): that input fails, the batch goes on."""
+
+    code = "input_unreadable"
+
+
 # The one table from error type to HTTP status. Most specific class first; anything not listed
 # (and any non-ServiceError) is a 500 with the request id logged. Invalid config is 400, not
 # 422: the official client resends a 422 (docs/design.md, Errors on the wire).
