@@ -14,6 +14,7 @@ consumer of each stream holds its producer's handle (docs/design.md).
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -207,6 +208,11 @@ def start_app(app_args: dict[str, Any], address: str | None = None, http: tuple[
     from serve_app.api.proxy import install_env
 
     install_env()  # the HTTP proxy's body cap; only proxies started after this load it
+    if address is None:  # the replicas start here, with this environment: say what they would fail on, now
+        a = AppArgs.model_validate(app_args)
+        if a.webhook_hosts and not os.environ.get(a.webhook_secret_env):
+            raise ModelUnavailable(f"the graph did not start: webhook_hosts is set but {a.webhook_secret_env} is "
+                                   "empty; webhooks are signed with it")
     if not ray.is_initialized():
         if address:
             ray.init(address=address)
