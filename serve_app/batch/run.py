@@ -40,7 +40,7 @@ class Outcome:
     item: Item
     status: str                 # done | skipped | failed
     frames: int | None = None
-    seconds: float = 0.0
+    seconds: float = 0.0        # from its first job's start (not its wait for a slot) to its outputs written
     attempts: int = 0
     code: str | None = None
     error: str | None = None
@@ -194,7 +194,7 @@ class Batch:
             return Outcome(item, "failed", seconds=time.monotonic() - start, code=exc.code, error=exc.message)
         self._dest(self.dest.forget, item)
         video = self.segmenter.put(read.pop("data"))  # the object store holds it; this process does not
-        result, attempts, failure = self._call(item, video)
+        result, attempts, failure, start = self._call(item, video)
         del video
         if failure is not None:
             code, error = failure
@@ -202,9 +202,8 @@ class Batch:
         files = {f"{item.output}.mp4": result.mp4}
         if "objects" in item.config.outputs and result.objects is not None:
             files[f"{item.output}.objects.json"] = result.objects
-        seconds = time.monotonic() - start
-        self._dest(self.dest.finish, item, source, read["sha"], files, result.num_frames, seconds)
-        return Outcome(item, "done", frames=result.num_frames, seconds=seconds, attempts=attempts)
+        self._dest(self.dest.finish, item, source, read["sha"], files, result.num_frames, time.monotonic() - start)
+        return Outcome(item, "done", frames=result.num_frames, seconds=time.monotonic() - start, attempts=attempts)
 
     def _dest(self, method, *args):
         try:
@@ -213,19 +212,21 @@ class Batch:
             raise _DestFailed(exc if isinstance(exc, ServiceError) else
                               ServiceError(f"--out {self.dest.url} cannot be used: {exc}")) from None
 
-    def _call(self, item: Item, video: Any) -> tuple[Any, int, tuple[str, str] | None]:
-        """(result, attempts, None) or (None, attempts, (code, message))."""
-        attempts, busy_since = 0, None
+    def _call(self, item: Item, video: Any) -> tuple[Any, int, tuple[str, str] | None, float]:
+        """(result, attempts, None, started) or (None, attempts, (code, message), started), `started`
+        when its first job took a slot."""
+        attempts, busy_since, started = 0, None, None
         while True:
             attempts += 1
             with self.slots:
                 if self.stop.is_set():
                     raise _Stopped
+                started = started or time.monotonic()
                 call = self.segmenter.submit(video, item.config)
                 with self.lock:
                     self.calls.add(call)
                 try:
-                    return call.result(), attempts, None
+                    return call.result(), attempts, None, started
                 except Exception as exc:
                     error = exc
                 finally:
@@ -235,14 +236,14 @@ class Batch:
                 raise _Stopped
             kind, code, message, wait_s = classify(error)
             if kind == "refused":
-                return None, attempts, (code, message)
+                return None, attempts, (code, message), started
             if kind == "busy":
                 attempts -= 1  # not the input's fault
                 busy_since = busy_since or time.monotonic()
                 if time.monotonic() - busy_since > OVERLOAD_PATIENCE_S:
-                    return None, attempts, (code, f"{message} (refused for {OVERLOAD_PATIENCE_S / 60:.0f} min)")
+                    return None, attempts, (code, f"{message} (refused for {OVERLOAD_PATIENCE_S / 60:.0f} min)"), started
             elif attempts > self.retries:
-                return None, attempts, (code, f"{message} (after {attempts} attempts)")
+                return None, attempts, (code, f"{message} (after {attempts} attempts)"), started
             else:
                 wait_s = self.backoff_s * 2 ** (attempts - 1) * random.uniform(0.8, 1.2)
             if self.stop.wait(wait_s):
