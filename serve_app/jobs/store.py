@@ -59,7 +59,7 @@ JOBS = sa.Table(
     sa.Column("webhook_attempts", sa.Integer),
     sa.Column("webhook_status", sa.Integer),
     sa.Column("webhook_error", sa.Text),
-    sa.Column("webhook_next_at", sa.Float),
+    sa.Column("webhook_next_at", sa.Float, index=True),  # each runner asks for the due ones twice a second
 )
 ORPHAN_S = 600.0  # a job's folder or part this old with no record is left over (an upload takes seconds)
 
@@ -362,11 +362,15 @@ def _webhook_due(now: float):
 
 
 def _add_new_columns(engine: sa.Engine) -> None:
-    """Columns added since a store's table was made (nullable: its old rows have none)."""
+    """Columns added since a store's table was made (nullable: its old rows have none), and their
+    indexes."""
     have = {c["name"] for c in sa.inspect(engine).get_columns(JOBS.name)}
     for column in (c for c in JOBS.columns if c.name not in have):
         with contextlib.suppress(sa.exc.DBAPIError), engine.begin() as db:  # another replica added it first
             db.execute(sa.text(f"ALTER TABLE {JOBS.name} ADD COLUMN {column.name} {column.type.compile(engine.dialect)}"))
+    for index in JOBS.indexes:
+        with contextlib.suppress(sa.exc.DBAPIError):
+            index.create(engine, checkfirst=True)
 
 
 def _sqlite_wal(connection, _record) -> None:

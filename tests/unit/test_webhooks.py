@@ -368,12 +368,16 @@ def test_a_store_made_before_webhooks_gets_their_columns_and_keeps_its_jobs(tmp_
     old = JobStore(str(tmp_path / "jobs"))
     row = old.create({"prompt": "fish"}, frames=1)
     with old.engine.begin() as db:  # the table as it was before webhooks
+        db.exec_driver_sql("DROP INDEX ix_sam3_video_jobs_webhook_next_at")
         for column in ("webhook_url", "webhook_attempts", "webhook_status", "webhook_error", "webhook_next_at"):
             db.exec_driver_sql(f"ALTER TABLE sam3_video_jobs DROP COLUMN {column}")
     old.engine.dispose()
     store = JobStore(str(tmp_path / "jobs"))
     again = store.get(row.id)
     assert (again.webhook_url, again.webhook_attempts) == (None, 0) and "webhook" not in async_job_json(again)
+    import sqlalchemy as sa
+
+    assert "ix_sam3_video_jobs_webhook_next_at" in {i["name"] for i in sa.inspect(store.engine).get_indexes("sam3_video_jobs")}
     assert store.claim("w") and store.finish(row.id, [], 1) and store.due_webhooks(5) == []  # no webhook: none due
 
 
