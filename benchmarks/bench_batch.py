@@ -41,7 +41,7 @@ def app_args(frame_s: float, replicas: int, workers: int) -> dict:
             "tracker_drain_timeout_s": 1}
 
 
-def run_batch(handle, clip: Path, videos: int, tag: str):
+def run_batch(handle, clip: Path, videos: int, tag: str, plus: int = 0):
     """(report, its Batch) of `videos` copies of the clip through the handle into a new DEST."""
     from serve_app.batch.dest import Dest
     from serve_app.batch.manifest import load
@@ -52,7 +52,9 @@ def run_batch(handle, clip: Path, videos: int, tag: str):
     manifest = folder / "manifest.jsonl"
     manifest.write_text("".join(json.dumps({"input": str(clip), "config": {"prompt": "red blue"}, "output": f"v{i}"})
                                 + "\n" for i in range(videos)))
-    batch = Batch(load(str(manifest), {}), Dest(str(folder / "out")), HandleSegmenter(handle), show_progress=False)
+    segmenter = HandleSegmenter(handle)
+    batch = Batch(load(str(manifest), {}), Dest(str(folder / "out")), segmenter,
+                  inflight=segmenter.jobs_at_once + plus, show_progress=False)
     return batch.run(), batch
 
 
@@ -60,6 +62,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--frame-ms", type=float, default=30.0)
+    ap.add_argument("--inflight-plus", type=int, default=0, help="jobs in flight beyond the default (a comparison)")
     args = ap.parse_args()
     import ray
     from ray import serve
@@ -86,7 +89,7 @@ def main() -> None:
             handle = serve.run(build_app(app_args(frame_s, n, workers)), name=APP, route_prefix=None)
             deployed = time.monotonic() - t
             warm, _ = run_batch(handle, clip, n, f"warm{n}")
-            report, batch = run_batch(handle, clip, per_replica * n, f"n{n}")
+            report, batch = run_batch(handle, clip, per_replica * n, f"n{n}", args.inflight_plus)
             assert report.count("done") == per_replica * n, [o.line() for o in report.outcomes.values()
                                                               if o.status != "done"][:3]
             rate[n] = report.count("done") / report.seconds

@@ -63,6 +63,7 @@ def connect(address: str, app: str) -> HandleSegmenter:
     except Exception as exc:  # RayServeException: no such application; or no Serve at all
         raise ModelUnavailable(f"no app {app!r} runs on the Ray cluster at {address!r} ({_line(exc)}); start it "
                                "with `sam3-video serve` or `serve deploy`") from None
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # its router's start-up notes would cut into the bar
     return HandleSegmenter(handle)
 
 

@@ -6,6 +6,7 @@ file and a rerun finishes the rest."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -59,6 +60,7 @@ class Server:
                 self.process.wait(60)
             except subprocess.TimeoutExpired:
                 self.process.kill()
+        shutil.rmtree(self.env["RAY_TMPDIR"], ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
