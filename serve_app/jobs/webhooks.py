@@ -101,6 +101,8 @@ class HostGuard:
         if len(url) > MAX_URL:
             raise InvalidJob(f"webhook is {len(url)} characters; the limit is {MAX_URL}")
         shown = url if len(url) <= 80 else url[:77] + "..."
+        if any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in url):  # never into a request line
+            raise InvalidJob(f"webhook {shown!r} contains a space or a control character")
         try:
             parts = urllib.parse.urlsplit(url)
             parts.port  # noqa: B018 - raises on a port that is not a number

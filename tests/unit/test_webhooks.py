@@ -275,6 +275,7 @@ def test_a_receiver_that_drips_its_answer_costs_the_timeout_and_holds_nothing(tm
     ("http://user:pw@127.0.0.1/x", "user name or password"),
     ("http://127.0.0.1:99999/x", "is not a URL"),
     ("http:///x", "has no host"),
+    ("http://127.0.0.1/x\r\nX-Injected: 1", "contains a space or a control character"),
     ("http://127.0.0.1/" + "x" * 3000, "3017 characters; the limit is 2048"),
 ])
 def test_the_guard_refuses_what_the_operator_did_not_allow(url, words):
