@@ -54,6 +54,7 @@ def connect(address: str, app: str) -> HandleSegmenter:
     import ray
     from ray import serve
 
+    _reachable(address)
     try:
         ray.init(address=address, log_to_driver=False, logging_level=logging.ERROR)
     except Exception as exc:  # ConnectionError, or whatever a bad address makes Ray raise
@@ -65,6 +66,21 @@ def connect(address: str, app: str) -> HandleSegmenter:
                                "with `sam3-video serve` or `serve deploy`") from None
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # its router's start-up notes would cut into the bar
     return HandleSegmenter(handle)
+
+
+def _reachable(address: str, timeout_s: float = 10.0) -> None:
+    """A HOST:PORT that answers no connection fails here in seconds: Ray's own client retries
+    an unreachable GCS for minutes before it gives up."""
+    import socket
+
+    host, sep, port = address.rpartition(":")
+    if not sep or "://" in address or not port.isdigit():
+        return  # "auto", or a form Ray resolves itself
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout_s).close()
+    except OSError as exc:
+        raise ModelUnavailable(f"cannot reach the Ray cluster at {address!r}: "
+                               f"{exc.strerror or 'no answer within %g s' % timeout_s}") from None
 
 
 def _line(exc: BaseException) -> str:

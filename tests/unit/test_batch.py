@@ -274,6 +274,17 @@ def test_a_batch_that_cannot_run_is_one_line_and_exit_2(tmp_path, shapes, capsys
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("*.mp4"))
 
 
+def test_a_cluster_address_that_answers_nothing_is_one_line_in_seconds(tmp_path, shapes, capsys):
+    from testkit.net import free_port
+
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"input": str(shapes), "config": {"prompt": "red"}}) + "\n")
+    address, started = f"127.0.0.1:{free_port()}", time.monotonic()
+    assert main(["batch", str(manifest), "--out", str(tmp_path / "out"), "--address", address]) == 2
+    assert one_line(capsys) == f"error: cannot reach the Ray cluster at {address!r}: Connection refused"
+    assert time.monotonic() - started < 15  # Ray's own client would retry for minutes
+
+
 def test_a_dest_another_batch_is_writing_to_is_refused(tmp_path, shapes, capsys):
     manifest, dest = tmp_path / "m.jsonl", tmp_path / "out"
     manifest.write_text(json.dumps({"input": str(shapes), "config": {"prompt": "red"}}) + "\n")
