@@ -11,7 +11,9 @@ the next inputs and write finished outputs meanwhile, so the graph is not idle b
 - A 5xx, a lost replica or any unexpected error is tried again after 2, 4, 8, ... s, `retries`
   times; 429 (the graph's queues are full) waits its Retry-After without counting, for up to an
   hour.
-- A DEST that cannot be written stops the batch (every later input would fail the same way).
+- A DEST that cannot be written stops the batch (every later input would fail the same way),
+  and so do `max(5, 2 x inflight)` inputs in a row that failed all their tries with a 5xx or a
+  lost replica: the graph is down, and going on would fail the whole manifest overnight.
 - Ctrl-C or SIGTERM stops it: jobs in flight are cancelled, results.jsonl is written for what
   finished, and a rerun does the rest.
 """
@@ -29,7 +31,8 @@ from typing import Any
 from serve_app.batch.dest import RESULTS, Dest, Source
 from serve_app.batch.manifest import Item
 from serve_app.batch.segmenters import Segmenter
-from serve_app.errors import InputUnreadable, ModelError, Overloaded, ServiceError, UploadTooLarge, http_status
+from serve_app.errors import (InputUnreadable, ModelError, ModelUnavailable, Overloaded, ServiceError, UploadTooLarge,
+                              http_status)
 
 CHECKPOINT_S = 10.0         # results.jsonl is rewritten this often while the batch runs
 OVERLOAD_PATIENCE_S = 3600  # an input refused with 429 for this long fails (code overloaded)
@@ -44,6 +47,7 @@ class Outcome:
     attempts: int = 0
     code: str | None = None
     error: str | None = None
+    tried_out: bool = False     # failed every try with a 5xx or a lost replica (not the input's fault)
 
     def line(self) -> dict[str, Any]:
         out: dict[str, Any] = {"input": self.item.input, "output": self.item.output, "status": self.status}
@@ -93,7 +97,8 @@ class Batch:
         self.calls: set[Any] = set()
         self.lock = threading.Lock()
         self.pending = iter(items)
-        self.dest_failed: ServiceError | None = None
+        self.fatal: ServiceError | None = None  # why the batch stopped before its end
+        self.down_after, self.failing = max(5, 2 * self.inflight), 0  # inputs in a row that tried out
 
     def run(self) -> Report:
         """Runs the batch; raises KeyboardInterrupt after writing what finished when stopped, and
@@ -132,11 +137,11 @@ class Batch:
                 self.dest.results(report.lines())
             finally:
                 self.dest.close()
-        if self.dest_failed is not None:
-            raise self.dest_failed
-        if report.stopped:
-            print(summary(report, self.dest), file=sys.stderr)
-            raise KeyboardInterrupt
+        if self.fatal is not None or report.stopped:
+            report.stopped = True
+            if self.show_progress:
+                print(summary(report, self.dest), file=sys.stderr)
+            raise self.fatal or KeyboardInterrupt()
         return report
 
     def _halt(self, threads: list[threading.Thread]) -> None:
@@ -162,13 +167,26 @@ class Batch:
             except _Stopped:
                 return
             except _DestFailed as exc:
-                self.dest_failed = exc.error
+                self.fatal = exc.error
                 self.stop.set()
                 return
             except Exception as exc:  # a bug of ours: that input fails, the batch goes on
                 outcome = Outcome(item, "failed", seconds=time.monotonic() - start, code="internal_error",
                                   error=f"{type(exc).__name__}: {_line(exc)}")
             self.finished.put(outcome)
+            self._watch(outcome)
+
+    def _watch(self, outcome: Outcome) -> None:
+        """Stop the batch once the graph looks down: inputs in a row that tried out."""
+        if outcome.status == "skipped":
+            return
+        with self.lock:
+            self.failing = self.failing + 1 if outcome.tried_out else 0
+            if self.failing >= self.down_after and self.fatal is None:
+                self.fatal = ModelUnavailable(
+                    f"{self.failing} inputs in a row failed every try (the last: {outcome.code}: {outcome.error}); "
+                    "the graph looks down, so the batch stopped: run it again once it is back")
+                self.stop.set()
 
     def _one(self, item: Item, start: float) -> Outcome:
         read: dict[str, Any] = {}
@@ -197,8 +215,9 @@ class Batch:
         result, attempts, failure, start = self._call(item, video)
         del video
         if failure is not None:
-            code, error = failure
-            return Outcome(item, "failed", seconds=time.monotonic() - start, attempts=attempts, code=code, error=error)
+            code, error, tried_out = failure
+            return Outcome(item, "failed", seconds=time.monotonic() - start, attempts=attempts, code=code, error=error,
+                           tried_out=tried_out)
         files = {f"{item.output}.mp4": result.mp4}
         if "objects" in item.config.outputs and result.objects is not None:
             files[f"{item.output}.objects.json"] = result.objects
@@ -212,9 +231,9 @@ class Batch:
             raise _DestFailed(exc if isinstance(exc, ServiceError) else
                               ServiceError(f"--out {self.dest.url} cannot be used: {exc}")) from None
 
-    def _call(self, item: Item, video: Any) -> tuple[Any, int, tuple[str, str] | None, float]:
-        """(result, attempts, None, started) or (None, attempts, (code, message), started), `started`
-        when its first job took a slot."""
+    def _call(self, item: Item, video: Any) -> tuple[Any, int, tuple[str, str, bool] | None, float]:
+        """(result, attempts, None, started) or (None, attempts, (code, message, tried out), started),
+        `started` when its first job took a slot."""
         attempts, busy_since, started = 0, None, None
         while True:
             attempts += 1
@@ -236,14 +255,15 @@ class Batch:
                 raise _Stopped
             kind, code, message, wait_s = classify(error)
             if kind == "refused":
-                return None, attempts, (code, message), started
+                return None, attempts, (code, message, False), started
             if kind == "busy":
                 attempts -= 1  # not the input's fault
                 busy_since = busy_since or time.monotonic()
                 if time.monotonic() - busy_since > OVERLOAD_PATIENCE_S:
-                    return None, attempts, (code, f"{message} (refused for {OVERLOAD_PATIENCE_S / 60:.0f} min)"), started
+                    return None, attempts, (code, f"{message} (refused for {OVERLOAD_PATIENCE_S / 60:.0f} min)",
+                                            True), started
             elif attempts > self.retries:
-                return None, attempts, (code, f"{message} (after {attempts} attempts)"), started
+                return None, attempts, (code, f"{message} (after {attempts} attempts)", True), started
             else:
                 wait_s = self.backoff_s * 2 ** (attempts - 1) * random.uniform(0.8, 1.2)
             if self.stop.wait(wait_s):

@@ -24,7 +24,7 @@ from serve_app.batch.run import Batch
 from serve_app.batch.segmenters import LocalSegmenter
 from serve_app.cli import main
 from serve_app.contract import JobConfig
-from serve_app.errors import ModelError
+from serve_app.errors import ModelError, ModelUnavailable
 from testkit.doubles import ScriptedTracker
 from testkit.video import mask_iou
 from tests.conftest import REPO, SHAPES_FPS, SHAPES_H, SHAPES_N, SHAPES_W
@@ -197,7 +197,7 @@ class Interrupting(LocalSegmenter):
         return result
 
 
-def test_ctrl_c_keeps_what_finished_and_a_rerun_does_only_the_rest(tmp_path, shapes, capsys):
+def test_ctrl_c_keeps_what_finished_and_a_rerun_does_only_the_rest(tmp_path, shapes):
     manifest = tmp_path / "m.jsonl"
     manifest.write_text("".join(json.dumps({"input": str(shapes), "config": {"prompt": "red"}, "output": f"o{i}"})
                                 + "\n" for i in range(6)))
@@ -208,7 +208,7 @@ def test_ctrl_c_keeps_what_finished_and_a_rerun_does_only_the_rest(tmp_path, sha
     time.sleep(1.0)  # a few jobs' time: nothing goes on after the batch has returned
     assert sorted(dest.glob("*.mp4")) == outputs and len(outputs) == len(first)
     assert 2 <= len(first) < 6 and all(line["status"] == "done" for line in first.values())
-    assert "stopped" in capsys.readouterr().err and leftovers(dest) == []
+    assert leftovers(dest) == []
     report = Batch(items, Dest(str(dest)), LocalSegmenter(ScriptedTracker()), show_progress=False).run()
     again = results(dest)
     assert {o for o, line in again.items() if line["status"] == "skipped"} == set(first)
@@ -318,3 +318,33 @@ def test_a_full_dest_stops_the_batch_in_one_line_leaving_no_partial_file(tmp_pat
         assert list(dest.glob("*.mp4")) == [] and leftovers(dest) == []  # no part, nothing half-written
     finally:
         subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+class DownGraph(LocalSegmenter):
+    """A graph that went down at `after` jobs: every job since fails as a lost replica does."""
+
+    def __init__(self, after: int, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.after, self.jobs = after, 0
+
+    def run(self, data, config):
+        self.jobs += 1
+        if self.jobs > self.after:
+            raise ModelError("the tracker replica died while working on this job; retry")
+        return super().run(data, config)
+
+
+def test_a_graph_that_goes_down_stops_the_batch_instead_of_failing_the_whole_manifest(tmp_path, shapes):
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps({"input": str(shapes), "config": {"prompt": "red"}, "output": f"o{i}"})
+                                + "\n" for i in range(30)))
+    items, dest = load(str(manifest), {}), tmp_path / "out"
+    with pytest.raises(ModelUnavailable, match=r"^5 inputs in a row failed every try \(the last: model_error: the "
+                                               r"tracker replica died.*\(after 2 attempts\)\); the graph looks down"):
+        Batch(items, Dest(str(dest)), DownGraph(3, ScriptedTracker()), retries=1, backoff_s=0.01,
+              show_progress=False).run()
+    got = results(dest)
+    assert [o for o, line in got.items() if line["status"] == "done"] == ["o0", "o1", "o2"]
+    assert 5 <= sum(line["status"] == "failed" for line in got.values()) < 10 and len(got) < 30  # the rest not run
+    report = Batch(items, Dest(str(dest)), LocalSegmenter(ScriptedTracker()), show_progress=False).run()  # it is back
+    assert report.count("skipped") == 3 and report.count("done") == 27
