@@ -95,3 +95,28 @@ def test_indices_outside_the_video_are_index_errors():
     with pytest.raises(IndexError):
         source[3]
     assert source[np.int64(2)].shape == (3, 1008, 1008)  # sam3 indexes with numpy/tensor ints too
+
+
+def test_the_normalisation_constants_are_made_once(monkeypatch):
+    """A tensor made from Python numbers on a GPU is a blocking copy: not once per frame."""
+    frame = clip(1)[0]
+    first = to_model_input(frame, "cpu")
+    made = []
+    real = torch.tensor
+    monkeypatch.setattr(torch, "tensor", lambda *a, **k: made.append(a) or real(*a, **k))
+    again = to_model_input(frame, "cpu")
+    assert made == [] and torch.equal(first, again)
+
+
+@pytest.mark.gpu
+def test_a_frame_goes_to_the_gpu_without_waiting_for_it():
+    """Pinned staging and a non-blocking copy: torch reports any synchronising call as an error."""
+    frame = clip(1)[0]
+    want = to_model_input(frame, "cpu")
+    to_model_input(frame, "cuda")  # the constants, made once
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = to_model_input(frame, "cuda")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.allclose(got.cpu(), want, atol=1e-4)

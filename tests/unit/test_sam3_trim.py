@@ -237,3 +237,111 @@ def test_the_last_frames_flushed_at_the_end_still_hide_a_removed_object():
     assert propagation["hotstart_removed_obj_ids"] == {2}
     forget_removed(state, propagation, emitted=9, removed_seen=seen)
     assert propagation["hotstart_removed_obj_ids"] == set()
+
+
+class DeviceScore:
+    """A memory score still on the GPU. Comparing it on the host would wait for the GPU: sam3's
+    frame_filter does so (counted in `reads`), trimming must not."""
+
+    device = SimpleNamespace(type="cuda")
+    reads = 0
+
+    def __init__(self, value):
+        self.value = value
+
+    def __gt__(self, other):
+        DeviceScore.reads += 1
+        return self.value > other
+
+    def __bool__(self):
+        raise AssertionError("a device score was read on the host")
+
+    __float__ = __bool__
+
+
+class Copies:
+    """trim._start_copy's stand-in: a batch copied to the host lands one step after it starts."""
+
+    def __init__(self):
+        self.step = 0
+        self.batches: list[list[float]] = []
+
+    def __call__(self, sources):
+        started = self.step
+        self.batches.append([s.value for s in sources])
+        host = torch.tensor([s.value for s in sources], dtype=torch.bfloat16)
+        return host, lambda: self.step > started
+
+
+def test_scores_cross_to_the_host_once_each_batched_and_never_waited_for(monkeypatch):
+    """With every score on the device, trimming reads none of them there: each frame's score is
+    copied once, in one batch per step, and put in place as a host tensor of the same dtype, and
+    until it lands the frame is kept; every frame reads the same memory as without trimming."""
+    from serve_app.trackers.sam3 import trim
+
+    copies = Copies()
+    monkeypatch.setattr(trim, "_start_copy", copies)
+    tracker = sam3_tracker()
+    num_frames = 200
+    full, trimmed = new_tracker_state(2), new_tracker_state(2)
+    for f, score in enumerate(scores(num_frames, seed=7)):
+        copies.step = f
+        if f:  # the same frames, each still there (the two states hold different objects)
+            assert [(kind, t, i is not None) for kind, t, i in frames_read(tracker, trimmed["output_dict"], f, num_frames)] == \
+                [(kind, t, i is not None) for kind, t, i in frames_read(tracker, full["output_dict"], f, num_frames)], f
+        out = frame_output(float(torch.tensor(score, dtype=torch.bfloat16)))
+        add_frame(full, f, out, cond=f % 16 == 0)
+        add_frame(trimmed, f, {**out, "eff_iou_score": DeviceScore(float(out["eff_iou_score"]))}, cond=f % 16 == 0)
+        DeviceScore.reads = 0
+        trim_tracker_state(trimmed, tracker)
+        assert DeviceScore.reads == 0, f"trimming compared a device score at frame {f}"
+        assert len(copies.batches) <= f + 1  # at most one batch per step
+    copied = sum(len(b) for b in copies.batches)
+    non_cond = num_frames - len(range(0, num_frames, 16))
+    assert copied == non_cond, "each non-conditioning frame's score crosses once"
+    kept = trimmed["output_dict"]["non_cond_frame_outputs"]
+    newest = max(kept)
+    for t, out in kept.items():
+        if t < newest:  # the newest one's copy lands next step
+            assert isinstance(out["eff_iou_score"], torch.Tensor) and out["eff_iou_score"].dtype == torch.bfloat16
+    assert len(kept) <= 16 + 15
+
+
+def test_a_score_sam3_recomputes_is_copied_again(monkeypatch):
+    """sam3 recomputes every frame's score when it removes an object from a state (_slice_state):
+    the new device tensor replaces the host copy, and is copied in its turn."""
+    from serve_app.trackers.sam3 import trim
+
+    copies = Copies()
+    monkeypatch.setattr(trim, "_start_copy", copies)
+    state = new_tracker_state(1)
+    for f in range(3):
+        copies.step = f
+        add_frame(state, f, {**frame_output(0.5, 1), "eff_iou_score": DeviceScore(0.5)}, cond=f == 0)
+        trim_tracker_state(state, sam3_tracker())
+    assert copies.batches == [[0.5], [0.5]]  # frames 1 and 2 (frame 0 conditions: no score)
+    non_cond = state["output_dict"]["non_cond_frame_outputs"]
+    assert isinstance(non_cond[1]["eff_iou_score"], torch.Tensor)  # landed at step 2
+    non_cond[1]["eff_iou_score"] = DeviceScore(0.25)  # what _slice_state writes
+    copies.step = 3
+    trim_tracker_state(state, sam3_tracker())
+    assert copies.batches[-1] == [0.25]
+    assert isinstance(non_cond[2]["eff_iou_score"], torch.Tensor)
+
+
+@pytest.mark.gpu
+def test_trimming_on_a_gpu_waits_for_nothing():
+    """The scores on the device, as sam3 writes them: trimming makes no synchronising call, and
+    each score is on the host a step later."""
+    tracker, state = sam3_tracker(), new_tracker_state(2)
+    non_cond = state["output_dict"]["non_cond_frame_outputs"]
+    for f, score in enumerate(scores(60, seed=3)):
+        add_frame(state, f, {k: v.cuda() for k, v in frame_output(score).items()}, cond=f == 0)
+        torch.cuda.synchronize()  # a step's own syncs (its outputs leave for the host)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            trim_tracker_state(state, tracker)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    newest = max(non_cond)
+    assert all(out["eff_iou_score"].device.type == "cpu" for t, out in non_cond.items() if t < newest)

@@ -30,17 +30,40 @@ def to_model_input(frame: np.ndarray, device, image_size: int = IMAGE_SIZE):
     (io_utils.py:54), done on the model device so only uint8 crosses the bus. Pixels are
     scaled to [0, 1] before the mean/std normalisation (SAM 3's mp4 loader forgets the /255:
     upstream facebookresearch/sam3#493).
+
+    On CUDA nothing here waits for the GPU: the frame goes through pinned memory and is copied
+    without blocking (torch's host allocator keeps that staging block until the copy is done),
+    and the normalisation constants are made once per device. A pageable copy, or a tensor
+    built from a Python tuple, waits for all the work queued before it.
     """
     import torch
     import torch.nn.functional as F
 
-    x = torch.from_numpy(np.ascontiguousarray(frame)).to(device)
+    device = torch.device(device)
+    host = torch.from_numpy(np.ascontiguousarray(frame))
+    if device.type == "cuda":
+        staged = torch.empty(host.shape, dtype=host.dtype, pin_memory=True)
+        staged.copy_(host)
+        x = staged.to(device, non_blocking=True)
+    else:
+        x = host.to(device)
     x = x.permute(2, 0, 1).unsqueeze(0).float().div_(255.0)
     x = F.interpolate(x, size=(image_size, image_size), mode="bicubic", antialias=True, align_corners=False)
     x = x.clamp_(0.0, 1.0)
-    mean = torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(STD, device=x.device).view(1, 3, 1, 1)
+    mean, std = _normalisation(device)
     return ((x - mean) / std)[0]
+
+
+_NORMALISATION: dict = {}  # device -> (mean, std), each (1, 3, 1, 1)
+
+
+def _normalisation(device):
+    import torch
+
+    if device not in _NORMALISATION:
+        _NORMALISATION[device] = (torch.tensor(MEAN, device=device).view(1, 3, 1, 1),
+                                  torch.tensor(STD, device=device).view(1, 3, 1, 1))
+    return _NORMALISATION[device]
 
 
 class LazyFrames:

@@ -59,15 +59,26 @@ def detection_settings(threshold: float, max_objects: int) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def model_settings(model: Any, settings: Mapping[str, Any]) -> Iterator[None]:
-    """Set model attributes for the duration of a session; the old values always come back."""
-    saved = {name: getattr(model, name) for name in settings}
+    """Set model attributes ("name" or "part.name") for the duration of a session; the old
+    values always come back."""
+    targets = {name: _owner(model, name) for name in settings}
+    saved = {name: getattr(owner, attr) for name, (owner, attr) in targets.items()}
     try:
         for name, value in settings.items():
-            setattr(model, name, value)
+            owner, attr = targets[name]
+            setattr(owner, attr, value)
         yield
     finally:
         for name, value in saved.items():
-            setattr(model, name, value)
+            owner, attr = targets[name]
+            setattr(owner, attr, value)
+
+
+def _owner(model: Any, name: str) -> tuple[Any, str]:
+    *parents, attr = name.split(".")
+    for part in parents:
+        model = getattr(model, part)
+    return model, attr
 
 
 Emit = Callable[[int, dict], None]  # (frame index, SAM 3's post-processed outputs)
@@ -78,7 +89,9 @@ class _Stages(Sequence):
 
     Every frame's query is the same but for `img_ids`; `text_ids` is one tensor shared by all
     of them, so SAM 3's per-frame writes (`find_inputs[t].text_ids[...] = id` in add_prompt and
-    reset_state) keep meaning what they mean."""
+    reset_state) keep meaning what they mean. Each `img_ids` is a view of one index tensor made
+    on the device at the start: sam3 reads a frame's query several times a frame, and a tensor
+    built from a Python list each time was a blocking host-to-device copy each time."""
 
     def __init__(self, num_frames: int, device) -> None:
         import torch
@@ -93,20 +106,18 @@ class _Stages(Sequence):
         )
         self._template = copy_data_to_device(convert_my_tensors(template), device, non_blocking=True)
         self._num_frames = num_frames
-        self._device = device
+        self._ids = torch.arange(num_frames, dtype=torch.long, device=device)  # made there: no copy
 
     def __len__(self) -> int:
         return self._num_frames
 
     def __getitem__(self, t):
-        import torch
-
         if isinstance(t, slice):
             return [self[i] for i in range(*t.indices(self._num_frames))]
         if not -self._num_frames <= t < self._num_frames:
             raise IndexError(t)
         t %= self._num_frames
-        return dataclasses.replace(self._template, img_ids=torch.tensor([t], dtype=torch.long, device=self._device))
+        return dataclasses.replace(self._template, img_ids=self._ids[t:t + 1])
 
 
 def _new_state(model, frames: LazyFrames, num_frames: int, height: int, width: int) -> dict:

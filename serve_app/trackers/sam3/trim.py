@@ -32,6 +32,13 @@ back into the selection; but SAM 3 removes only objects younger than `hotstart_d
 and a state holds objects born on the same frame, so all its frames lie inside the window
 (16): nothing dropped is ever read.
 
+Memory selection reads each frame's `eff_iou_score`, a scalar on the model's device, and so
+does this. Compared where it lies, every comparison is a host sync (up to 15 per tracker state
+per frame, in sam3's frame_filter and here alike). So each score is brought to the host once, a
+step after it is written (`host_scores`: one batched copy per state per step, not waited for),
+and put back in place as a 0-dim CPU tensor of the same dtype, which both compare exactly as
+before without waiting for the GPU. Until its copy has landed a frame is kept and not counted.
+
 Objects removed during hotstart are also forgotten once every frame that could show them has
 been emitted (`forget_removed`): SAM 3 keeps their ids and per-object bookkeeping for the
 session's life and deep-copies that bookkeeping on every frame (sam3_video_base.py:586). And
@@ -42,7 +49,10 @@ emitted frames are never read again.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from typing import Any
+
+PENDING = "serve_app_pending_scores"  # on each tracker state: score copies to the host under way
 
 
 def trim_session(state: dict, model: Any, emitted: int, propagation: dict | None = None,
@@ -124,10 +134,56 @@ def non_cond_frames_to_keep(non_cond: dict, newest: int, tracker: Any) -> set[in
             if picked >= wanted:
                 break
             score = non_cond[t].get("eff_iou_score")
-            if score is not None and float(score) > tracker.mf_threshold:
+            if score is None:
+                continue
+            if _on_device(score):  # not on the host yet (host_scores): keep it, decide later
+                keep.add(t)
+            elif bool(score > tracker.mf_threshold):  # frame_filter's comparison, in the score's dtype
                 keep.add(t)
                 picked += 1
     return keep
+
+
+def host_scores(ts: dict) -> None:
+    """Replace the device scores of a tracker state's non-conditioning frames by host copies:
+    the copies started last time that have landed go in, and the scores still on the device
+    are copied, batched and without waiting. A score sam3 recomputes (`_slice_state` after a
+    removal) is a new device tensor and is copied again."""
+    non_cond = ts["output_dict"]["non_cond_frame_outputs"]
+    pending = ts.setdefault(PENDING, [])
+    for entry in list(pending):
+        frames, sources, host, ready = entry
+        if not ready():
+            continue
+        pending.remove(entry)
+        values = host.clone()  # out of pinned memory, which the allocator wants back
+        for i, (t, source) in enumerate(zip(frames, sources)):
+            out = non_cond.get(t)
+            if out is not None and out.get("eff_iou_score") is source:
+                out["eff_iou_score"] = values[i]
+    under_way = {id(s) for _, sources, _, _ in pending for s in sources}
+    frames = [t for t, out in non_cond.items()
+              if _on_device(out.get("eff_iou_score")) and id(out["eff_iou_score"]) not in under_way]
+    if frames:
+        sources = [non_cond[t]["eff_iou_score"] for t in frames]
+        pending.append((frames, sources, *_start_copy(sources)))
+
+
+def _on_device(score: Any) -> bool:
+    return getattr(getattr(score, "device", None), "type", "cpu") != "cpu"
+
+
+def _start_copy(sources: list) -> tuple[Any, Callable[[], bool]]:
+    """One copy of these scalars to pinned host memory, queued behind the work that makes them;
+    returns the host tensor and whether the copy has landed."""
+    import torch
+
+    stacked = torch.stack([s.reshape(()) for s in sources])
+    host = torch.empty(stacked.shape, dtype=stacked.dtype, pin_memory=True)
+    host.copy_(stacked, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    return host, event.query
 
 
 def cond_frames_to_keep(cond: dict, newest: int, tracker: Any) -> set[int]:
@@ -148,6 +204,7 @@ def trim_tracker_state(ts: dict, tracker: Any) -> None:
         return
     newest = max(max(non_cond, default=-1), max(cond, default=-1))
     per_obj = ts.get("output_dict_per_obj", {}).values()
+    host_scores(ts)
 
     keep = non_cond_frames_to_keep(non_cond, newest, tracker)
     for t in [t for t in non_cond if t not in keep]:
