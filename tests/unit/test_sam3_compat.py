@@ -116,3 +116,38 @@ def test_another_sam3_release_is_refused(monkeypatch):
     monkeypatch.setattr("importlib.metadata.version", lambda name: "0.2.0")
     with pytest.raises(RuntimeError, match="sam3 is 0.2.0.*0.1.4"):
         compat._check_version()
+
+
+def test_memory_attention_reaches_a_fused_sdpa_kernel():
+    """sam3's memory attention (RoPEAttention, 1 head x 256) calls F.scaled_dot_product_attention
+    itself: in the model's context its inputs are bf16 with no mask and no dropout (eval), which
+    the dispatcher sends to a fused kernel (CPU: flash; CUDA: flash takes bf16 with head_dim up to
+    256 on sm80/sm90). So there is nothing to route: the GPU check names the kernel it runs."""
+    from sam3.model_builder import _create_tracker_transformer
+    from torch.nn.attention import SDPBackend
+
+    torch.manual_seed(0)
+    attention = _create_tracker_transformer().encoder.layers[0].cross_attn_image.eval()
+    objects, tokens, frames, pointers = 2, 72 * 72, 3, 16
+    q = torch.randn(objects, tokens, 256)
+    memory = torch.randn(objects, frames * tokens + pointers, 64)  # spatial memory, then pointers
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def watch(q, k, v, *args, **kwargs):
+        calls.append((q, k, v, args, kwargs))
+        return sdpa(q, k, v, *args, **kwargs)
+
+    torch.nn.functional.scaled_dot_product_attention = watch
+    try:
+        with compat.model_context("cpu"):
+            out = attention(q, memory, memory, num_k_exclude_rope=pointers)
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = sdpa
+    (q, k, v, args, kwargs), = calls
+    assert out.shape == (objects, tokens, 256)
+    assert q.dtype == k.dtype == v.dtype == torch.bfloat16
+    assert q.shape == (objects, 1, tokens, 256) and k.shape == (objects, 1, frames * tokens + pointers, 256)
+    assert q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
+    assert not args and kwargs == {"dropout_p": 0.0}
+    assert SDPBackend(int(torch._fused_sdp_choice(q, k, v))) != SDPBackend.MATH

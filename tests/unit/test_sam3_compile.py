@@ -137,3 +137,72 @@ def test_the_recompile_metric_is_a_ray_serve_counter_in_a_worker():
     metric = RecompileMetric()
     assert metric._counter is not None and metric._counter._name == "sam3_video_recompiles"
     metric.inc("tracker.sam_mask_decoder", 2)
+
+
+# -- bounded autotune and the compile cache ----------------------------------------------------
+def test_bounded_autotune_is_sam3s_mode_with_aten_matmuls_and_convolutions():
+    from serve_app.trackers.sam3.compile import inductor_options
+
+    full = inductor_options("max-autotune", False, "full")
+    bounded = inductor_options("max-autotune", False, "bounded")
+    assert full == torch._inductor.list_mode_options("max-autotune", False)
+    assert full["max_autotune"] and full["triton.cudagraphs"]  # what sam3 asks for stays
+    assert bounded == {**full, "max_autotune_gemm_backends": "ATEN", "max_autotune_conv_backends": "ATEN",
+                       "autotune_num_choices_displayed": 0}
+    assert "triton.cudagraphs" not in inductor_options("max-autotune-no-cudagraphs", True, "bounded")
+    with pytest.raises(ValueError, match="'bounded' or 'full'"):
+        inductor_options("max-autotune", False, "some")
+
+
+def test_each_part_is_compiled_with_its_modes_options(monkeypatch):
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: seen.append(kwargs) or fn)
+    model = Toy()
+    Compiled(max_objects=2, parts=(DECODER,)).install(model)
+    model._compile_model()
+    (kwargs,) = seen
+    assert kwargs["fullgraph"] and kwargs["dynamic"] is False and "mode" not in kwargs  # a mode or options
+    assert kwargs["options"]["max_autotune_gemm_backends"] == "ATEN" and kwargs["options"]["triton.cudagraphs"]
+
+
+def test_the_cache_dir_is_inductors_for_the_process(monkeypatch, tmp_path):
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    from serve_app.trackers.sam3.compile import use_cache_dir
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    path = use_cache_dir(str(tmp_path / "node-local" / "sam3"))
+    assert path == str(tmp_path / "node-local" / "sam3") and (tmp_path / "node-local" / "sam3").is_dir()
+    assert cache_dir() == path  # where inductor puts graphs, autotune results and kernels
+
+
+@pytest.mark.slow
+def test_a_new_process_loads_what_the_first_compiled(tmp_path):
+    """Two processes compile the same part with inductor (C++ on a CPU) and one cache folder:
+    the first compiles it, the second finds the compiled graph (inductor's FX graph cache)."""
+    import json
+    import subprocess
+    import textwrap
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    script = textwrap.dedent(f"""
+        import json, sys
+        sys.path.insert(0, {str(repo)!r})
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        import torch
+        from serve_app.trackers.sam3.compile import Compiled, cache_counts, use_cache_dir
+        from test_sam3_compile import DECODER, Toy, call
+        use_cache_dir({str(tmp_path / "cache")!r})
+        torch.manual_seed(0)
+        model = Toy()
+        compiled = Compiled(max_objects=2, backend="inductor", parts=(DECODER,))
+        compiled.install(model)
+        model._compile_model()
+        call(model, 2)
+        print(json.dumps(cache_counts()))
+    """)
+    runs = [json.loads(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+                       .stdout.strip().splitlines()[-1]) for _ in range(2)]
+    assert runs[0]["fxgraph_cache_miss"] >= 1 and runs[0]["fxgraph_cache_hit"] == 0
+    assert runs[1]["fxgraph_cache_hit"] == runs[0]["fxgraph_cache_miss"] and runs[1]["fxgraph_cache_miss"] == 0

@@ -3,6 +3,7 @@
 import gzip
 import pickle
 import sys
+import threading
 
 import pytest
 
@@ -130,14 +131,14 @@ def test_compile_without_cuda_is_refused_before_building():
 def test_model_overrides_set_nested_attributes_and_refuse_unknown_ones():
     from types import SimpleNamespace
 
-    from serve_app.trackers.sam3.tracker import _apply_overrides
+    from serve_app.trackers.sam3.tracker import apply_overrides
 
     model = SimpleNamespace(new_det_thresh=0.7, tracker=SimpleNamespace(max_obj_ptrs_in_encoder=16))
-    _apply_overrides(model, {"new_det_thresh": 0.8, "tracker.max_obj_ptrs_in_encoder": 8})
+    apply_overrides(model, {"new_det_thresh": 0.8, "tracker.max_obj_ptrs_in_encoder": 8})
     assert model.new_det_thresh == 0.8 and model.tracker.max_obj_ptrs_in_encoder == 8
     for path in ("new_det_treshold", "tracker.nope", "nope.new_det_thresh"):
         with pytest.raises(ValueError, match=repr(path)):
-            _apply_overrides(model, {path: 1})
+            apply_overrides(model, {path: 1})
 
 
 def test_warm_sizes_are_validated_and_deduplicated():
@@ -150,3 +151,56 @@ def test_warm_sizes_are_validated_and_deduplicated():
     for bad in ([1920], [0, 10], ["wide", "1080"], [1920.5, 1080], [9000, 10]):
         with pytest.raises(ValidationError, match="warm_sizes"):
             Sam3Config(warm_sizes=[bad])
+
+
+# -- cuda:N ------------------------------------------------------------------------------------------
+@pytest.fixture
+def two_gpus(monkeypatch):
+    """torch as on a machine with two CUDA devices; set_device is recorded, not done."""
+    torch = pytest.importorskip("torch")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append((device, threading.current_thread().name)))
+    return calls
+
+
+def test_cuda_n_is_taken_when_torch_sees_it_and_refused_naming_what_it_sees(two_gpus):
+    torch = pytest.importorskip("torch")
+    assert loading.pick_device("cuda:1") == torch.device("cuda:1")
+    assert loading.pick_device("cuda") == torch.device("cuda")
+    with pytest.raises(ModelUnavailable) as info:
+        loading.pick_device("cuda:2")
+    assert "'cuda:2'" in str(info.value) and "2 CUDA device(s)" in str(info.value) and "cuda:0 to cuda:1" in str(info.value)
+
+
+def test_the_model_thread_makes_cuda_n_its_current_device_before_building(two_gpus, monkeypatch):
+    """sam3 puts tensors on plain "cuda" in many places: the model thread's current device must
+    be the one configured, set before the model is built, on the thread that runs every call."""
+    from types import SimpleNamespace
+
+    from serve_app.trackers.sam3 import tracker as module
+    from serve_app.trackers.sam3.config import Sam3Config
+
+    built = []
+
+    def build_model(weights, device, compile):
+        built.append((device, threading.current_thread().name, list(two_gpus)))
+        return SimpleNamespace(hotstart_delay=15)
+
+    monkeypatch.setattr(module, "build_model", build_model)
+    tracker = module.Sam3Tracker(Sam3Config(device="cuda:1", compile=False, warm_up=False),
+                                 weights=WeightsSource(random=True))
+    try:
+        (device, thread, set_before), = built
+        assert str(device) == "cuda:1" and thread == "sam3-model"
+        assert [(str(d), name) for d, name in set_before] == [("cuda:1", "sam3-model")]
+    finally:
+        tracker.close()
+
+
+def test_plain_cuda_leaves_the_current_device_alone(two_gpus):
+    torch = pytest.importorskip("torch")
+    loading.use_device(torch.device("cuda"))
+    loading.use_device(torch.device("cpu"))
+    assert two_gpus == []

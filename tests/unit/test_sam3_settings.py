@@ -52,8 +52,34 @@ def test_per_job_settings_cannot_be_overridden_for_the_replica():
     assert Sam3Config(model_overrides={"det_nms_thresh": 0.0}).model_overrides == {"det_nms_thresh": 0.0}
 
 
-def test_the_replicas_object_limit_is_1_to_64():
-    assert Sam3Config().max_objects == 64
+def test_the_replicas_object_limit_is_1_to_64_default_16():
+    assert Sam3Config().max_objects == 16  # 5 object buckets to compile at start, not 7
+    assert Sam3Config(max_objects=64).max_objects == 64
     for bad in (0, 65, 2.5):
         with pytest.raises(ValidationError, match="max_objects"):
             Sam3Config(max_objects=bad)
+
+
+class Tracker:
+    mf_threshold = 0.01
+
+
+def test_a_sessions_settings_reach_into_the_models_parts():
+    """The warm-up reads every memory frame (tracker.mf_threshold for its sessions only)."""
+    from serve_app.trackers.sam3.tracker import FULL_MEMORY
+
+    model = Model()
+    model.tracker = Tracker()
+    with model_settings(model, {**detection_settings(0.2, 3), **FULL_MEMORY}):
+        assert model.tracker.mf_threshold == float("-inf") and model.max_num_objects == 3
+    assert model.tracker.mf_threshold == 0.01 and model.max_num_objects == 10000
+
+
+def test_the_compile_settings_are_validated():
+    assert Sam3Config().compile_autotune == "bounded" and Sam3Config().compile_cache_dir is None
+    assert Sam3Config(compile_autotune="full", compile_cache_dir="/var/cache/sam3").compile_cache_dir == "/var/cache/sam3"
+    with pytest.raises(ValidationError, match="compile_autotune"):
+        Sam3Config(compile_autotune="exhaustive")
+    assert Sam3Config(device="cuda:1").device == "cuda:1"
+    with pytest.raises(ValidationError, match="device"):
+        Sam3Config(device="cuda1")

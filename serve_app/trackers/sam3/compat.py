@@ -59,7 +59,10 @@ def model_context(device: torch.device | str) -> Iterator[None]:
     the model's device (see the module docstring), and the CPU work-arounds when on CPU."""
     device = torch.device(device)
     install()
-    with on_device(device), torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16):
+    # sam3's plain "cuda" means the thread's current device: cuda:N's, whichever thread calls
+    current = torch.cuda.device(device) if device.type == "cuda" and device.index is not None \
+        else contextlib.nullcontext()
+    with on_device(device), current, torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16):
         yield
 
 

@@ -12,13 +12,19 @@ parts with the same modes, and:
 - after `lock()` (the end of warm-up), a call that would compile runs eager instead: dynamo's
   stance "fail_on_recompile" raises before compiling, and the part's eager forward runs,
   logged with dynamo's reason and counted (`recompiles`, the Prometheus counter
-  sam3_video_recompiles).
+  sam3_video_recompiles);
+- bounds max-autotune's choices (`autotune="bounded"`): matrix products and convolutions run
+  ATen's kernels (cuBLAS, cuDNN) instead of benchmarking Triton templates for each shape; CUDA
+  graphs, fusion and the tuning of the generated kernels stay as sam3 has them;
+- keeps inductor's caches where `use_cache_dir` says (a node-local folder), so a restarted
+  replica loads compiled graphs instead of compiling them.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 import threading
 from collections import Counter
@@ -40,6 +46,47 @@ PARTS: tuple[tuple[str, str, bool | None, bool, bool], ...] = (
     ("tracker.transformer.encoder", "max-autotune-no-cudagraphs", True, True, False),
     ("tracker.sam_mask_decoder", "max-autotune", False, True, True),
 )
+
+
+# Inductor settings of autotune="bounded" (torch/_inductor/config.py names). Only the backends
+# max-autotune may choose from are bounded; the option that quiets autotune's tables goes too.
+BOUNDED = {"max_autotune_gemm_backends": "ATEN", "max_autotune_conv_backends": "ATEN",
+           "autotune_num_choices_displayed": 0}
+CACHE_COUNTERS = ("fxgraph_cache_hit", "fxgraph_cache_miss", "fxgraph_cache_bypass")
+
+
+def inductor_options(mode: str, dynamic: bool | None, autotune: str = "bounded") -> dict[str, Any]:
+    """What torch.compile(mode=mode) sets, as options (torch takes a mode or options, not both),
+    plus BOUNDED unless autotune is "full". Keys this torch does not know are left out."""
+    from torch._inductor import config, list_mode_options
+
+    options = dict(list_mode_options(mode, dynamic))
+    if autotune == "bounded":
+        known = config.get_config_copy()
+        options.update({k: v for k, v in BOUNDED.items() if k in known})
+    elif autotune != "full":
+        raise ValueError(f"autotune is {autotune!r}; 'bounded' or 'full'")
+    return options
+
+
+def use_cache_dir(path: str) -> str:
+    """Keep this process's inductor caches (FX graphs, AOT autograd, autotune results, Triton
+    kernels) in `path`. Inductor reads TORCHINDUCTOR_CACHE_DIR at each lookup, and its compile
+    workers inherit it when they start, so this must run before the first compile."""
+    path = os.path.abspath(os.path.expanduser(path))
+    os.makedirs(path, exist_ok=True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = path
+    return path
+
+
+def cache_counts() -> dict[str, int]:
+    """Inductor's FX graph cache hits, misses and bypasses in this process so far."""
+    try:
+        from torch._dynamo.utils import counters
+
+        return {name: int(counters["inductor"][name]) for name in CACHE_COUNTERS}
+    except Exception:  # torch internals moved: a figure for logs only
+        return {}
 
 
 def buckets(max_objects: int) -> tuple[int, ...]:
@@ -79,11 +126,12 @@ class Compiled:
     """The compiled parts of one SAM 3 model, and what they compiled."""
 
     def __init__(self, max_objects: int, backend: Any = None, parts: tuple[str, ...] | None = None,
-                 pad: bool = True) -> None:
+                 pad: bool = True, autotune: str = "bounded") -> None:
         self.buckets = buckets(max_objects)
-        self.backend = backend   # None: inductor with sam3's modes; else any torch.compile backend
+        self.backend = backend   # None or "inductor": inductor with sam3's modes; else any torch.compile backend
         self.parts = parts       # None: all of PARTS
         self.pad = pad
+        self.autotune = autotune
         self.locked = False
         self.recompiles: Counter[str] = Counter()   # after lock: compiles that ran eager instead
         self.failed: dict[str, str] = {}             # part -> why its compile failed (it runs eager)
@@ -126,8 +174,9 @@ class Compiled:
     def _torch_compile(self, fn: Callable, mode: str, dynamic: bool | None) -> Callable:
         import torch
 
-        if self.backend is None:
-            return torch.compile(fn, mode=mode, fullgraph=True, dynamic=dynamic)
+        if self.backend in (None, "inductor"):
+            options = inductor_options(mode, dynamic, self.autotune)
+            return torch.compile(fn, options=options, fullgraph=True, dynamic=dynamic)
         return torch.compile(fn, backend=self.backend, fullgraph=True, dynamic=dynamic)
 
     def _guard(self, part: str, compiled: Callable, eager: Callable) -> Callable:

@@ -23,8 +23,15 @@ class Sam3Config(BaseModel):
 
     kind: Literal["sam3"] = "sam3"
     checkpoint: str | None = Field(None, description="A local sam3.pt; else $SAM3_CHECKPOINT; else the hub with $HF_TOKEN.")
-    device: str | None = Field(None, pattern=r"^(cuda(:\d+)?|cpu)$", description="cuda or cpu; default CUDA when present.")
+    device: str | None = Field(None, pattern=r"^(cuda(:\d+)?|cpu)$",
+                               description="cuda, cuda:N or cpu; default CUDA when present.")
     compile: bool | None = Field(None, description="torch.compile the detector and tracker; default on with CUDA.")
+    compile_autotune: Literal["bounded", "full"] = Field(
+        "bounded", description="bounded: inductor's max-autotune with ATen alone for matrix products and "
+                               "convolutions (CUDA graphs, fusion and kernel tuning kept); full: sam3's own.")
+    compile_cache_dir: str | None = Field(
+        None, description="A node-local folder for inductor's compiled graphs and autotune results, so a "
+                          "restarted replica loads them instead of compiling (TORCHINDUCTOR_CACHE_DIR).")
     warm_sizes: list[tuple[Pixels, Pixels]] = Field(default_factory=list,
                                                     description="WxH sizes warmed up after 832x480 and 1280x720.")
     warm_up: bool | None = Field(None, description="Run the warm-up at start; default: when compiling.")
@@ -35,7 +42,8 @@ class Sam3Config(BaseModel):
     max_pending: int = Field(4, ge=1, description="Jobs that may wait for the model thread before new ones get 429.")
     max_sessions: int | None = Field(None, ge=1, le=64, description="Jobs interleaved frame by frame on the one "
                                      "model; default: the tracker deployment's max_ongoing_requests (1 outside Serve).")
-    max_objects: int = Field(64, ge=1, le=64, strict=True,
+    # 16: 5 object buckets to compile and warm (1-16); 64 would be 7, and a job's own default is 16.
+    max_objects: int = Field(16, ge=1, le=64, strict=True,
                              description="Objects a job may track here (a job's max_objects above it is lowered); "
                                          "warm-up compiles for up to this many.")
 

@@ -114,7 +114,23 @@ def pick_device(device: str | None) -> Any:
         raise ModelUnavailable(f"device is {device!r}; SAM 3 runs on 'cuda' or 'cpu'")
     if chosen.type == "cuda" and not torch.cuda.is_available():
         raise ModelUnavailable(f"device is {device!r} but torch sees no CUDA device here")
+    if chosen.type == "cuda" and chosen.index is not None and chosen.index >= torch.cuda.device_count():
+        raise ModelUnavailable(f"device is {device!r} but torch sees {torch.cuda.device_count()} CUDA device(s) "
+                               f"here (cuda:0 to cuda:{torch.cuda.device_count() - 1}; under Ray a replica sees "
+                               "only the GPUs it was given, from cuda:0)")
     return chosen
+
+
+def use_device(device: Any) -> None:
+    """Make `device` the current CUDA device of the calling thread (the model thread, before it
+    builds). sam3 puts tensors on plain "cuda" in many places (`.cuda()`, `device="cuda"` in
+    position_encoding.py:47, decoder.py:281, transformer.py:285, the tracker's storage device,
+    sam3_tracking_predictor.py:81), which is the thread's current device: with this, "cuda:1"
+    means cuda:1 everywhere, not weights on cuda:1 and state on cuda:0."""
+    import torch
+
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
 
 
 def build_model(source: WeightsSource, device: Any, compile: bool) -> Any:

@@ -13,12 +13,17 @@ from serve_app.contract import JobConfig
 from serve_app.errors import ModelError, ModelUnavailable, ServiceError
 from serve_app.media import Detections, FrameChunk, VideoInfo
 from serve_app.trackers.sam3.config import Sam3Config
-from serve_app.trackers.sam3.loading import WeightsSource, build_model, pick_device, resolve_weights
+from serve_app.trackers.sam3.loading import WeightsSource, build_model, pick_device, resolve_weights, use_device
 from serve_app.trackers.worker import DONE, Feed, ModelWorker, stream
 
 log = logging.getLogger(__name__)
 
 WARM_PROMPT = "coloured shapes"
+# Warm-up clips read every memory frame the window holds, as a trained model on a clear scene
+# does: memory selection (frame_filter, sam3_tracker_base.py:518-558) keeps a frame whose score
+# passes mf_threshold, and an untrained or unsure model would keep only the previous one. So
+# the memory attention meets every memory length a job can give it before the replica is ready.
+FULL_MEMORY = {"tracker.mf_threshold": float("-inf")}
 
 
 def forced_objects(count: int) -> dict[str, Any]:
@@ -60,6 +65,10 @@ class Sam3Tracker:
         self.compile = self.device.type == "cuda" if config.compile is None else config.compile
         if self.compile and self.device.type != "cuda" and "backend" not in hooks.compile_options:
             raise ModelUnavailable("compile=True needs CUDA (sam3 compiles with CUDA graphs); use compile=False on CPU")
+        if self.compile and config.compile_cache_dir:
+            from serve_app.trackers.sam3.compile import use_cache_dir
+
+            log.info("SAM 3 compile cache: %s", use_cache_dir(config.compile_cache_dir))
         self.warm_sizes = config.all_warm_sizes
         self.warm_up_seconds: dict[str, float] = {}
         self.compiled = None  # trackers.sam3.compile.Compiled when compiling
@@ -67,12 +76,14 @@ class Sam3Tracker:
         overrides = dict(config.model_overrides)
 
         def build():
+            use_device(self.device)  # on the model thread, which makes every call
             model = build_model(weights, self.device, self.compile)
-            _apply_overrides(model, overrides)
+            apply_overrides(model, overrides)
             if self.compile:
                 from serve_app.trackers.sam3.compile import Compiled
 
-                self.compiled = Compiled(config.max_objects, **hooks.compile_options)
+                self.compiled = Compiled(config.max_objects, **{"autotune": config.compile_autotune,
+                                                                **hooks.compile_options})
                 self.compiled.install(model)
             hooks.on_build(model)
             return model
@@ -165,7 +176,7 @@ class Sam3Tracker:
         seconds per clip. A default job at each warm size, then, when compiling, a clip with
         each object-batch bucket forced (compile.buckets), after which nothing may compile."""
         seconds = {}
-        job = self.job_settings(JobConfig(prompt=WARM_PROMPT))
+        job = {**self.job_settings(JobConfig(prompt=WARM_PROMPT)), **FULL_MEMORY}
         for width, height in sizes or self.warm_sizes:
             label = f"{width}x{height}"
             seconds[label] = self._warm_clip(label, width, height, self.warm_frames, job)
@@ -173,13 +184,17 @@ class Sam3Tracker:
             width, height = (sizes or self.warm_sizes)[0]
             for count in self.compiled.buckets:
                 label = f"{count} objects"
-                seconds[label] = self._warm_clip(label, width, height, self.warm_frames, forced_objects(count))
+                seconds[label] = self._warm_clip(label, width, height, self.warm_frames,
+                                                 {**forced_objects(count), **FULL_MEMORY})
                 if self.last_job.get("tracked") != count:
                     log.warning("SAM 3 warm-up asked for %d objects and tracked %d: that bucket may compile "
                                 "at request time (it would run eager)", count, self.last_job.get("tracked"))
             self.compiled.lock()
-            log.info("SAM 3 compiled and warmed (%d object buckets %s) in %.1f s; nothing compiles from now on",
-                     len(self.compiled.buckets), self.compiled.buckets, sum(seconds.values()))
+            from serve_app.trackers.sam3.compile import cache_counts
+
+            log.info("SAM 3 compiled and warmed (%d object buckets %s) in %.1f s; nothing compiles from now on "
+                     "(inductor's graph cache: %s)", len(self.compiled.buckets), self.compiled.buckets,
+                     sum(seconds.values()), cache_counts() or "not counted")
         return seconds
 
     def _warm_clip(self, label: str, width: int, height: int, n: int, settings: Mapping[str, Any]) -> float:
@@ -207,7 +222,7 @@ class Sam3Tracker:
         self._worker.stop()
 
 
-def _apply_overrides(model: Any, overrides: Mapping[str, Any]) -> None:
+def apply_overrides(model: Any, overrides: Mapping[str, Any]) -> None:
     for path, value in overrides.items():
         *parents, name = path.split(".")
         target = model
