@@ -344,7 +344,7 @@ def test_a_graph_that_goes_down_stops_the_batch_instead_of_failing_the_whole_man
         Batch(items, Dest(str(dest)), DownGraph(3, ScriptedTracker()), retries=1, backoff_s=0.01,
               show_progress=False).run()
     got = results(dest)
-    assert [o for o, line in got.items() if line["status"] == "done"] == ["o0", "o1", "o2"]
+    assert sum(line["status"] == "done" for line in got.values()) == 3  # whichever 3 ran before it went down
     assert 5 <= sum(line["status"] == "failed" for line in got.values()) < 10 and len(got) < 30  # the rest not run
     report = Batch(items, Dest(str(dest)), LocalSegmenter(ScriptedTracker()), show_progress=False).run()  # it is back
     assert report.count("skipped") == 3 and report.count("done") == 27
