@@ -56,11 +56,30 @@ def _tracker(args: argparse.Namespace):
 
 
 def _config(args: argparse.Namespace) -> JobConfig:
-    extensions = {} if args.max_objects is None else {"max_objects": args.max_objects}
+    extensions: dict[str, Any] = {} if args.max_objects is None else {"max_objects": args.max_objects}
     if args.objects:
         extensions["outputs"] = ["video", "objects"]
-    return parse_config({"prompt": args.prompt, "mode": args.mode, "alpha": args.alpha,
+    if len(args.prompt) > 1:  # one --prompt is the plain job; several are one pass over the video
+        extensions["prompts"] = args.prompt
+    boxes = [{"box": _box(b), "label": True} for b in args.box] + [{"box": _box(b), "label": False}
+                                                                  for b in args.negative_box]
+    if boxes:
+        extensions["boxes"] = boxes
+    if args.prompt_frame:
+        extensions["prompt_frame"] = args.prompt_frame
+    text = {"prompt": args.prompt[0]} if len(args.prompt) == 1 else {}
+    return parse_config({**text, "mode": args.mode, "alpha": args.alpha,
                          "confidence_threshold": args.confidence_threshold, **extensions})
+
+
+def _box(value: str) -> list[float]:
+    try:
+        box = [float(v) for v in value.split(",")]
+    except ValueError:
+        box = []
+    if len(box) != 4:
+        raise Refused(f"box {value!r} is not X,Y,W,H (four numbers, in the video's pixels)")
+    return box
 
 
 def _app_args(args: argparse.Namespace, joining: bool) -> dict[str, Any]:
@@ -263,7 +282,14 @@ def build_parser() -> argparse.ArgumentParser:
     seg = sub.add_parser("segment", help="segment the objects a text prompt names in an mp4")
     seg.add_argument("input", help="input mp4")
     seg.add_argument("-o", "--output", required=True, help="output mp4")
-    seg.add_argument("--prompt", required=True, help="what to segment, e.g. 'fish'")
+    seg.add_argument("--prompt", action="append", default=[],
+                     help="what to segment, e.g. 'fish'; repeat it for several concepts in one pass")
+    seg.add_argument("--box", action="append", default=[], metavar="X,Y,W,H",
+                     help="an exemplar box on the prompt frame (pixels): objects like this one; repeatable")
+    seg.add_argument("--negative-box", action="append", default=[], metavar="X,Y,W,H",
+                     help="an exemplar box of what is not wanted; repeatable")
+    seg.add_argument("--prompt-frame", type=int, default=0, metavar="N",
+                     help="the frame the prompts and boxes apply to; earlier frames are tracked backwards")
     seg.add_argument("--mode", choices=["mask", "overlay"], default="mask")
     seg.add_argument("--alpha", type=float, default=0.5, help="mask opacity in overlay mode")
     seg.add_argument("--confidence-threshold", type=float, default=0.5)

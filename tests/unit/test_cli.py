@@ -146,3 +146,20 @@ def test_the_embedded_start_leaves_rays_auth_mode_as_it_finds_it(monkeypatch):
     with pytest.raises(Started):
         start_app({"tracker": "fake"})
     assert "RAY_AUTH_MODE" not in os.environ  # Ray's token auth stays on, its default
+
+
+def test_concepts_boxes_and_a_prompt_frame_from_the_command_line(clip, tmp_path, capsys):
+    import json
+
+    out = tmp_path / "o.mp4"
+    argv = ["segment", str(clip), "-o", str(out), "--tracker", "fake", "--local", "-q", "--objects",
+            "--prompt", "red circle", "--prompt", "blue", "--negative-box", "0,0,4,4", "--prompt-frame", "3"]
+    assert main(argv) == 0, capsys.readouterr().err
+    data = json.loads((tmp_path / "o.objects.json").read_text())
+    assert data["prompts"] == ["red circle", "blue"] and len(data["frames"]) == 6
+    assert {o["prompt"] for frame in data["frames"] for o in frame} == {"red circle", "blue"}
+    assert main(["segment", str(clip), "-o", str(out), "--tracker", "fake", "--local", "--box", "1,2,3"]) == 2
+    assert one_line_error(capsys) == "error: box '1,2,3' is not X,Y,W,H (four numbers, in the video's pixels)"
+    assert main(["segment", str(clip), "-o", str(out), "--tracker", "fake", "--local", "--prompt", "red",
+                 "--prompt-frame", "6"]) == 2
+    assert one_line_error(capsys) == "error: config.prompt_frame is 6; the video has 6 frames, 0 to 5"
