@@ -27,14 +27,14 @@ class Budget:
 
     def __init__(self, seconds: float, phases: Sequence[str], results: dict, json_path: str | Path | None = None,
                  say: Callable[[str], None] = print, clock: Callable[[], float] = time.monotonic,
-                 exit_margin_s: float = 2.0) -> None:
+                 exit_margin_s: float = 2.0, start: float | None = None) -> None:
         self.seconds = seconds
         self.names = list(phases)
         self.results = results
         self.json_path = Path(json_path) if json_path else None
         self.say = say
         self.clock = clock
-        self.start = clock()
+        self.start = clock() if start is None else start  # a process's own start: its imports count too
         self.deadline = self.start + seconds
         self.exit_margin_s = exit_margin_s  # what ending the process takes, kept out of the budget
         self.current: str | None = None
@@ -133,11 +133,7 @@ class Budget:
         for later in self.names:
             if later not in done:
                 self.skip(later, f"the budget ran out in {name}")
-        for child in self.children:
-            try:
-                child.kill()
-            except Exception:  # gone already
-                pass
+        self._end_children()
         self.results["out_of_time"] = name
         self.save()
         if self.on_out_of_time is not None:
@@ -148,3 +144,18 @@ class Budget:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(EXIT_OUT_OF_TIME)
+
+    def _end_children(self) -> None:
+        """The subprocesses given, and every other process this one started (inductor's compile
+        workers): left running, they would hold the log's pipe open (`| tee` waits for them)."""
+        try:
+            import psutil
+
+            others = psutil.Process().children(recursive=True)
+        except Exception:  # no psutil: the ones given are ended all the same
+            others = []
+        for process in [*self.children, *others]:
+            try:
+                process.kill()
+            except Exception:  # gone already
+                pass
