@@ -287,9 +287,12 @@ class Check:
         _, chunks = clip(plan, plan.frames)
         images = [Image.fromarray(f) for c in chunks for f in c.frames]  # the same frames as ours
         # sam3's loader puts every frame on the device before its clock starts, as ours are in
-        # memory before theirs; CPU autocast refuses sam3's float16 stack, so outside the context
+        # memory before theirs, outside the context
         with compat.on_device(model.device):
             session = self.predictor.handle_request({"type": "start_session", "resource_path": images})["session_id"]
+        if not plan.gpu:  # its loader's float16 frames: a CPU model runs in float32 (compat)
+            batch = self.predictor._ALL_INFERENCE_STATES[session]["state"]["input_batch"]
+            batch.img_batch = batch.img_batch.float()
         hotstart, window = int(model.hotstart_delay), int(model.tracker.max_obj_ptrs_in_encoder)
         # on a GPU sam3 runs as it is (its build entered the bf16 autocast on this thread); a CPU
         # needs the compatibility layer's context

@@ -39,27 +39,35 @@ def test_cuda_and_pin_memory_stay_put_only_on_a_thread_running_a_cpu_model():
     assert seen["pinned"] in (True, "torch's own error")
 
 
-def test_model_context_gives_any_thread_the_bf16_autocast_sam3_expects():
-    """Upstream #329 in miniature: a float conv fed bf16 (sam3_image.py:839 casts backbone
-    features to bf16) fails without the autocast and works inside model_context, on a thread
-    that built nothing."""
+def test_model_context_runs_sam3s_bf16_casts_in_float32_on_a_cpu_on_any_thread():
+    """sam3 casts features to bf16 as it would on a GPU (sam3_image.py:839,
+    sam3_tracking_predictor.py:1098): bare, a float conv fed the cast fails; inside
+    model_context on a CPU, on a thread that built nothing, the cast keeps float32 and the conv
+    runs in float32 (no autocast: a CPU without bf16 arithmetic runs it hundreds of times
+    slower). Outside the context the cast is torch's own."""
     conv = torch.nn.Conv2d(4, 4, 1)
-    x = torch.ones(1, 4, 8, 8, dtype=torch.bfloat16)
+    x = torch.ones(1, 4, 8, 8)
     result = {}
 
     def call():
         try:
-            conv(x)
+            conv(x.to(torch.bfloat16))
             result["bare"] = "ran"
         except RuntimeError:
             result["bare"] = "dtype error"
-        with compat.model_context("cpu"):
-            result["inside"] = conv(x).shape
+        with compat.model_context("cpu"), torch.autocast("cpu", dtype=torch.bfloat16):
+            inner = torch.is_autocast_enabled("cpu")
+        with torch.autocast("cpu", dtype=torch.bfloat16), compat.model_context("cpu"):
+            result["autocast inside"] = torch.is_autocast_enabled("cpu")
+            result["inside"] = conv(x.to(torch.bfloat16)).dtype
+        result["after"] = x.to(torch.bfloat16).dtype
+        result["explicit autocast still works"] = inner
 
     thread = threading.Thread(target=call)
     thread.start()
     thread.join()
-    assert result == {"bare": "dtype error", "inside": (1, 4, 8, 8)}
+    assert result == {"bare": "dtype error", "autocast inside": False, "inside": torch.float32,
+                      "after": torch.bfloat16, "explicit autocast still works": True}
 
 
 def test_position_encoding_cache_is_built_on_the_target_device():
@@ -120,9 +128,9 @@ def test_another_sam3_release_is_refused(monkeypatch):
 
 def test_memory_attention_reaches_a_fused_sdpa_kernel():
     """sam3's memory attention (RoPEAttention, 1 head x 256) calls F.scaled_dot_product_attention
-    itself: in the model's context its inputs are bf16 with no mask and no dropout (eval), which
-    the dispatcher sends to a fused kernel (CPU: flash; CUDA: flash takes bf16 with head_dim up to
-    256 on sm80/sm90). So there is nothing to route: the GPU check names the kernel it runs."""
+    itself: in the model's context its inputs are the model's dtype (bf16 on a GPU, float32 on a
+    CPU) with no mask and no dropout (eval), which the dispatcher sends to a fused kernel (CPU:
+    flash; CUDA: flash takes bf16 with head_dim up to 256 on sm80/sm90). So there is nothing to route: the GPU check names the kernel it runs."""
     from sam3.model_builder import _create_tracker_transformer
     from torch.nn.attention import SDPBackend
 
@@ -146,7 +154,7 @@ def test_memory_attention_reaches_a_fused_sdpa_kernel():
         torch.nn.functional.scaled_dot_product_attention = sdpa
     (q, k, v, args, kwargs), = calls
     assert out.shape == (objects, tokens, 256)
-    assert q.dtype == k.dtype == v.dtype == torch.bfloat16
+    assert q.dtype == k.dtype == v.dtype == torch.float32  # a CPU runs the model in float32 (compat)
     assert q.shape == (objects, 1, tokens, 256) and k.shape == (objects, 1, frames * tokens + pointers, 256)
     assert q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
     assert not args and kwargs == {"dropout_p": 0.0}

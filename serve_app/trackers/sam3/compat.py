@@ -6,14 +6,18 @@ wrappers change nothing for a model on CUDA: they only act on the thread that is
 CPU model inside `model_context` (the thread-local `_active`), so a CPU tracker and other code
 in the same process keep their ordinary torch behaviour.
 
-`model_context(device)` is what every call into the model goes through. It also enters the
-bf16 autocast per call, which answers two sam3 traps at once:
+`model_context(device)` is what every call into the model goes through. On a GPU it enters
+the bf16 autocast per call, which answers two sam3 traps at once:
 - sam3_tracking_predictor.py:49-50 enters `torch.autocast("cuda", bfloat16)` once, on the
   thread that builds the tracker, and never leaves it; autocast state is thread-local, so a
   call from any other thread fails with "Input type (c10::BFloat16) and bias type (float)
   should be the same" (upstream facebookresearch/sam3#329).
-- sam3_image.py:839 casts the tracker backbone features to bf16 unconditionally, so on CPU the
-  tracker convolutions need a bf16 autocast too.
+- sam3_image.py:839 and sam3_tracking_predictor.py:1098/1149 cast features to bf16
+  unconditionally, and the autocast makes the float convolutions that read them agree.
+On a CPU the model runs in float32 instead: no autocast, and those casts (`x.to(torch.bfloat16)`)
+leave the tensor as it is. A CPU without bf16 arithmetic (AVX2) runs bf16 convolutions and
+matmuls through slow reference paths: a 3x3 convolution 560x slower, a linear layer 7x, so a
+random-weights test took minutes a frame (docs/design.md, "SAM 3 on a CPU").
 """
 
 from __future__ import annotations
@@ -62,7 +66,10 @@ def model_context(device: torch.device | str) -> Iterator[None]:
     # sam3's plain "cuda" means the thread's current device: cuda:N's, whichever thread calls
     current = torch.cuda.device(device) if device.type == "cuda" and device.index is not None \
         else contextlib.nullcontext()
-    with on_device(device), current, torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16):
+    # CPU: float32 throughout (module docstring); an outer autocast is switched off too
+    precision = torch.autocast("cpu", enabled=False) if device.type == "cpu" \
+        else torch.autocast(device.type, dtype=torch.bfloat16)
+    with on_device(device), current, torch.inference_mode(), precision:
         yield
 
 
@@ -131,12 +138,13 @@ def _patch_decoder_coords() -> None:
 
 
 def _patch_tensor_methods() -> None:
-    """`.cuda()` and `.pin_memory()` are called unconditionally on the model path:
+    """`.cuda()` and `.pin_memory()` are called unconditionally on the model path, and so is
+    `.to(torch.bfloat16)` (module docstring):
     - sam3_tracker_base.py:657 and :664 (`prev["maskmem_features"].cuda(...)`, memory frames),
     - sam3_tracking_predictor.py:303 (previous mask logits on re-prompt),
     - sam3_tracker_base.py:168, geometry_encoders.py:659, sam3_video_inference.py:480
       (`pin_memory()` before a non-blocking copy).
-    On a thread running a CPU model both mean "stay here"; everywhere else they are torch's own."""
+    On a thread running a CPU model they mean "stay here" (and stay float32); elsewhere torch's own."""
     original_cuda = torch.Tensor.cuda
     original_pin = torch.Tensor.pin_memory
 
@@ -152,8 +160,18 @@ def _patch_tensor_methods() -> None:
             return self
         return original_pin(self, *args, **kwargs)
 
+    original_to = torch.Tensor.to
+
+    @functools.wraps(original_to)
+    def to(self, *args: Any, **kwargs: Any):
+        # sam3's bf16 casts, exactly as written there (module docstring): float32 on a CPU
+        if args and args[0] is torch.bfloat16 and len(args) == 1 and not kwargs and _cpu_here():
+            return self
+        return original_to(self, *args, **kwargs)
+
     torch.Tensor.cuda = cuda
     torch.Tensor.pin_memory = pin_memory
+    torch.Tensor.to = to
 
 
 def _patch_tracker_storage_device() -> None:
