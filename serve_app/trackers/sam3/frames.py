@@ -4,8 +4,9 @@ SAM 3 reads `input_batch.img_batch[i]` for the frame it is working on and one fr
 (sam3_image.py:148-155 accepts any indexable with `len`; the detector prefetches the next
 chunk at sam3_image.py:765-784). Its own loaders decode the whole video up front, on the model
 device, at 1008x1008 (6-12 MiB a frame). Here frames stay the decoder's uint8 RGB until the
-model asks for one; only the two most recent are held converted, and frames the model has
-moved past are released, so memory does not grow with the video's length.
+model asks for one; only the most recent are held converted, and frames the model has moved
+past are released, so memory does not grow with the video's length. "Past" is in the order
+the frames are tracked: forward from the prompt frame, then backward from the one before it.
 """
 
 from __future__ import annotations
@@ -75,34 +76,45 @@ class LazyFrames:
 
     def __init__(self, num_frames: int, pull: Callable[[], FrameChunk | None], device,
                  expected_size: tuple[int, int] | None = None, image_size: int = IMAGE_SIZE,
-                 keep_converted: int = 2) -> None:
+                 keep_converted: int = 2, prompt_frame: int = 0, keep_behind: int = 0) -> None:
         self.num_frames = num_frames
+        self.prompt_frame = prompt_frame
         self._pull = pull
         self._device = device
         self._image_size = image_size
         self._keep_converted = keep_converted
-        self._held: deque[FrameChunk] = deque()   # uint8 chunks, oldest first
+        # uint8 frames kept behind the furthest one asked for: a session of several states reads
+        # a frame once per state, up to SAM 3's hotstart delay apart (session.Session.steps)
+        self._keep_uint8 = max(keep_converted, keep_behind)
+        self._held: deque[FrameChunk] = deque()   # uint8 chunks, in the order they came
         self._received = 0                        # frames pulled so far
         self._converted: dict[int, object] = {}   # frame index -> model input tensor
-        self._newest = -1                         # the newest frame asked for
+        self._newest = -1                         # the furthest position asked for
+        self.last_index = -1                      # the frame asked for last (session.SharedBackbone)
         self.size = expected_size                 # (height, width) every frame must have
 
     def __len__(self) -> int:
         return self.num_frames
 
+    def position(self, index: int) -> int:
+        """Where frame `index` comes in the tracking order: the prompt frame 0, the last frame
+        num_frames - prompt_frame - 1, the frame before the prompt frame next, frame 0 last."""
+        return index - self.prompt_frame if index >= self.prompt_frame else self.num_frames - 1 - index
+
     def __getitem__(self, index):
         index = int(index)
         if not 0 <= index < self.num_frames:
             raise IndexError(f"frame {index} of a {self.num_frames}-frame video")
-        self._newest = max(self._newest, index)
+        self.last_index = index
+        self._newest = max(self._newest, self.position(index))
         tensor = self._converted.get(index)
         if tensor is None:
             tensor = to_model_input(self._uint8(index), self._device, self._image_size)
             self._converted[index] = tensor
-            newest = max(self._converted)
-            for old in [i for i in self._converted if i <= newest - self._keep_converted]:
+            newest = max(map(self.position, self._converted))
+            for old in [i for i in self._converted if self.position(i) <= newest - self._keep_converted]:
                 del self._converted[old]
-            self._release_below(newest - self._keep_converted + 1)
+            self._release_before(newest - self._keep_uint8 + 1)
         return tensor
 
     def holding(self, ahead: int = 2) -> bool:
@@ -111,20 +123,21 @@ class LazyFrames:
         return self._received >= min(self._newest + 1 + ahead, self.num_frames)
 
     def _uint8(self, index: int) -> np.ndarray:
-        while index >= self._received:
+        while self.position(index) >= self._received:
             chunk = self._pull()
             if chunk is None:
                 raise ModelError(f"the decoder ended after {self._received} frames; "
                                  f"the probe counted {self.num_frames}")
-            if chunk.start != self._received:
-                raise ModelError(f"the decoder sent frame {chunk.start} where frame {self._received} was due")
+            if len(chunk) and self.position(chunk.start) != self._received:
+                raise ModelError(f"the decoder sent frame {chunk.start} where the frame at position "
+                                 f"{self._received} of the tracking order was due")
             if len(chunk):
                 self._check_size(chunk.frames)
                 self._held.append(chunk)
             self._received += len(chunk)
         for chunk in self._held:
-            if chunk.start <= index < chunk.start + len(chunk):
-                return chunk.frames[index - chunk.start]
+            if index in chunk.indices():
+                return chunk.frames[(index - chunk.start) * chunk.step]
         raise ModelError(f"SAM 3 asked for frame {index} after it was released")
 
     def _check_size(self, frames: np.ndarray) -> None:
@@ -136,8 +149,8 @@ class LazyFrames:
         elif size != tuple(self.size):
             raise ModelError(f"the decoder sent {size[1]}x{size[0]} frames where {self.size[1]}x{self.size[0]} was due")
 
-    def _release_below(self, index: int) -> None:
-        while self._held and self._held[0].start + len(self._held[0]) <= index:
+    def _release_before(self, position: int) -> None:
+        while self._held and self.position(self._held[0].indices()[-1]) < position:
             self._held.popleft()
 
     @property

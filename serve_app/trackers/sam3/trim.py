@@ -53,23 +53,30 @@ from collections.abc import Callable
 from typing import Any
 
 PENDING = "serve_app_pending_scores"  # on each tracker state: score copies to the host under way
+Position = Callable[[int], int]  # a frame's place in the order a session emits frames
 
 
 def trim_session(state: dict, model: Any, emitted: int, propagation: dict | None = None,
-                 removed_seen: dict[int, int] | None = None) -> None:
+                 removed_seen: dict[int, int] | None = None, *, position: Position = int,
+                 reverse: bool = False, backward_from: int | None = None) -> None:
     """Trim `state` (a SAM 3 video inference state) after frame `emitted` was emitted.
     `propagation` is the running propagate_in_video's variables (Session.propagation_locals),
-    `removed_seen` this session's record for `forget_removed`."""
-    trim_frame_caches(state, emitted, model.hotstart_unmatch_thresh, model.hotstart_dup_thresh)
+    `removed_seen` this session's record for `forget_removed`. `position` places a frame in the
+    order the session emits them (frames.LazyFrames.position; a forward-only session's is the
+    index itself), `reverse` says the running pass goes backward, and `backward_from` is the
+    prompt frame while a forward pass runs that a backward pass will follow."""
+    done = position(emitted)
+    trim_frame_caches(state, emitted, model.hotstart_unmatch_thresh, model.hotstart_dup_thresh, position)
     for tracker_state in state.get("tracker_inference_states", ()):
-        trim_tracker_state(tracker_state, model.tracker)
+        trim_tracker_state(tracker_state, model.tracker, reverse, backward_from)
     if propagation:
-        _drop_keys_upto(propagation.get("unconfirmed_obj_ids_per_frame"), emitted)
+        _drop_done(propagation.get("unconfirmed_obj_ids_per_frame"), done, position)
         if removed_seen is not None:
-            forget_removed(state, propagation, emitted, removed_seen)
+            forget_removed(state, propagation, emitted, removed_seen, position)
 
 
-def forget_removed(state: dict, propagation: dict, emitted: int, removed_seen: dict[int, int]) -> None:
+def forget_removed(state: dict, propagation: dict, emitted: int, removed_seen: dict[int, int],
+                   position: Position = int) -> None:
     """Drop what SAM 3 keeps about objects it removed, once the frame where each was removed
     has been emitted: later frames do not hold them, and no check reads them again
     (`_process_hotstart` skips removed ids; new objects get new ids)."""
@@ -79,10 +86,10 @@ def forget_removed(state: dict, propagation: dict, emitted: int, removed_seen: d
         return
     pending = [f for f, _ in propagation.get("hotstart_buffer") or ()]
     pending += [f for f, _ in propagation.get("yield_list") or ()]
-    newest = max([emitted, *pending])  # the newest frame processed so far
+    newest = max(map(position, [emitted, *pending]))  # the furthest frame processed so far
     for obj_id in rank0.get("removed_obj_ids", ()):
         removed_seen.setdefault(obj_id, newest)
-    for obj_id in [o for o, seen in removed_seen.items() if seen <= emitted]:
+    for obj_id in [o for o, seen in removed_seen.items() if seen <= position(emitted)]:
         del removed_seen[obj_id]
         rank0["removed_obj_ids"].discard(obj_id)
         for key in ("obj_first_frame_idx", "unmatched_frame_inds", "trk_keep_alive"):
@@ -96,9 +103,10 @@ def forget_removed(state: dict, propagation: dict, emitted: int, removed_seen: d
             hidden.discard(obj_id)
 
 
-def _drop_keys_upto(mapping: dict | None, last: int) -> None:
+def _drop_done(mapping: dict | None, done: int, position: Position) -> None:
+    """Drop the entries of frames at or before position `done` (frames emitted)."""
     if mapping:
-        for key in [k for k in mapping if k <= last]:
+        for key in [k for k in mapping if position(k) <= done]:
             del mapping[key]
 
 
@@ -110,12 +118,14 @@ def _keep_last(lists: dict | None, count: int) -> None:
             frames.clear()  # `len(x) >= 0` holds for an empty list too
 
 
-def trim_frame_caches(state: dict, emitted: int, unmatch_thresh: int, dup_thresh: int) -> None:
-    _drop_keys_upto(state.get("cached_frame_outputs"), emitted)
+def trim_frame_caches(state: dict, emitted: int, unmatch_thresh: int, dup_thresh: int,
+                      position: Position = int) -> None:
+    done = position(emitted)
+    _drop_done(state.get("cached_frame_outputs"), done, position)
     metadata = state.get("tracker_metadata") or {}
-    _drop_keys_upto(metadata.get("obj_id_to_tracker_score_frame_wise"), emitted)
+    _drop_done(metadata.get("obj_id_to_tracker_score_frame_wise"), done, position)
     rank0 = metadata.get("rank0_metadata") or {}
-    _drop_keys_upto(rank0.get("suppressed_obj_ids"), emitted)
+    _drop_done(rank0.get("suppressed_obj_ids"), done, position)
     _keep_last(rank0.get("unmatched_frame_inds"), unmatch_thresh)
     _keep_last(rank0.get("overlap_pair_to_frame_inds"), dup_thresh)
 
@@ -125,12 +135,22 @@ def _window(tracker: Any) -> int:
     return max(int(tracker.max_obj_ptrs_in_encoder), stride * int(tracker.num_maskmem))
 
 
-def non_cond_frames_to_keep(non_cond: dict, newest: int, tracker: Any) -> set[int]:
-    keep = {t for t in non_cond if t > newest - _window(tracker)}
+def _forward(t: int) -> int:
+    return t
+
+
+def _backward(t: int) -> int:
+    return -t
+
+
+def non_cond_frames_to_keep(non_cond: dict, newest: int, tracker: Any, key: Position = _forward) -> set[int]:
+    """The non-conditioning frames a frame after `newest` can read, tracking in the direction
+    `key` orders by (`_forward`: by index; `_backward`: index descending), `newest` in its terms."""
+    keep = {t for t in non_cond if newest - _window(tracker) < key(t) <= newest}
     if getattr(tracker, "use_memory_selection", False):
         wanted = int(tracker.max_obj_ptrs_in_encoder) - 1
         picked = 0
-        for t in sorted(non_cond, reverse=True):
+        for t in sorted((t for t in non_cond if key(t) <= newest), key=key, reverse=True):
             if picked >= wanted:
                 break
             score = non_cond[t].get("eff_iou_score")
@@ -186,34 +206,45 @@ def _start_copy(sources: list) -> tuple[Any, Callable[[], bool]]:
     return host, event.query
 
 
-def cond_frames_to_keep(cond: dict, newest: int, tracker: Any) -> set[int]:
+def cond_frames_to_keep(cond: dict, newest: int, tracker: Any, key: Position = _forward) -> set[int]:
+    """The conditioning frames `select_closest_cond_frames` can choose for a frame after
+    `newest` in the direction `key` orders by: the first in that order, the closest ones, and
+    any inside the memory window (read there as unselected conditioning frames)."""
     limit = int(tracker.max_cond_frames_in_attn)
     if limit < 0 or len(cond) <= limit + 1:
         return set(cond)
-    ordered = sorted(cond)
+    ordered = sorted(cond, key=key)
     keep = {ordered[0], *ordered[-limit:]}
-    keep.update(t for t in ordered if t > newest - _window(tracker))
+    keep.update(t for t in ordered if newest - _window(tracker) < key(t) <= newest)
     return keep
 
 
-def trim_tracker_state(ts: dict, tracker: Any) -> None:
-    """Drop a tracker state's outputs on frames no later frame can attend to."""
+def trim_tracker_state(ts: dict, tracker: Any, reverse: bool = False, backward_from: int | None = None) -> None:
+    """Drop a tracker state's outputs on frames no later frame can attend to. A backward pass
+    (`reverse`) reads the frames after the one it tracks; while a forward pass runs that a
+    backward pass from `backward_from` (the prompt frame) will follow, what that pass's first
+    frame will read (the first window after the prompt frame, its first conditioning frames)
+    is kept too."""
     outputs = ts["output_dict"]
     non_cond, cond = outputs["non_cond_frame_outputs"], outputs["cond_frame_outputs"]
     if not non_cond and not cond:
         return
-    newest = max(max(non_cond, default=-1), max(cond, default=-1))
+    key = _backward if reverse else _forward
+    newest = max(map(key, (*non_cond, *cond)))
+    readers = [(key, newest)]
+    if backward_from is not None and not reverse:
+        readers.append((_backward, -(backward_from - 1)))  # the backward pass's first frame
     per_obj = ts.get("output_dict_per_obj", {}).values()
     host_scores(ts)
 
-    keep = non_cond_frames_to_keep(non_cond, newest, tracker)
+    keep = set().union(*(non_cond_frames_to_keep(non_cond, n, tracker, k) for k, n in readers))
     for t in [t for t in non_cond if t not in keep]:
         del non_cond[t]
         for obj in per_obj:  # per-object views share storage with the batched tensors
             obj["non_cond_frame_outputs"].pop(t, None)
         ts["consolidated_frame_inds"]["non_cond_frame_outputs"].discard(t)
 
-    keep = cond_frames_to_keep(cond, newest, tracker)
+    keep = set().union(*(cond_frames_to_keep(cond, n, tracker, k) for k, n in readers))
     for t in [t for t in cond if t not in keep]:
         del cond[t]
         for obj in per_obj:
@@ -226,7 +257,7 @@ def trim_tracker_state(ts: dict, tracker: Any) -> None:
     already = ts.get("frames_already_tracked")
     if already:
         # read only for the frame being re-conditioned, which is always the newest
-        for t in [t for t in already if t < newest]:
+        for t in [t for t in already if key(t) < newest]:
             del already[t]
 
 
