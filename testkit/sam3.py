@@ -15,7 +15,7 @@ Options:
   tracker's memory attention, blocks of the detector's ViT, or layers of the text encoder (the
   same code at a smaller depth, `shrink`; its cost on a CPU is per layer);
 - `memo_detector`: the detector (backbone, encoder, decoder, heads) is a pure function of the
-  frame's pixels and the prompt, so its output is memoized by their content: a clip that
+  frame's pixels and the prompt (text and boxes), so its output is memoized by their content: a clip that
   cycles a few distinct frames costs a few detector passes on a CPU, and every tracker step
   still runs. Exact, not an approximation: the same input gives the same output;
 - `record_tracker`: keep, per tracker step of the latest job, the tracker's mask logits and
@@ -71,11 +71,13 @@ class FrameRecord:
 @dataclass(frozen=True)
 class Detection:
     """One detector query, pinned: its score logit on every frame but the `absent` ones (there:
-    ABSENT_LOGIT), and its mask on every frame, a box (x0, y0, x1, y1) in fractions of the mask."""
+    ABSENT_LOGIT), and its mask on every frame, a box (x0, y0, x1, y1) in fractions of the mask;
+    with `texts`, only for those prompts (so several concepts find different objects)."""
 
     logit: float
     box: tuple[float, float, float, float]
     absent: frozenset[int] = frozenset()
+    texts: frozenset[str] | None = None  # the text prompts it answers ("visual": boxes alone); None: all
 
     @property
     def probability(self) -> float:
@@ -125,6 +127,7 @@ class Instruments(Sam3Hooks):
         if not pad_objects:
             self.compile_options["pad"] = False
         self.memo_detector, self.record_tracker, self.pins = memo_detector, record_tracker, pins
+        self.pin_detector = True  # False: the pinned model's detector gives its own outputs (for a job)
         self.shrink = {"backbone_blocks": backbone_blocks, "memory_attention_layers": memory_attention_layers,
                        "text_layers": text_layers}
         self.present_objects, self.count_memory, self.measure_frames = present_objects, count_memory, measure_frames
@@ -140,7 +143,7 @@ class Instruments(Sam3Hooks):
         if self.memo_detector:
             memoize_detector(model, self)
         if self.pins:
-            _pin_detector(model, self.pins.detections)
+            _pin_detector(model, self.pins.detections, self)
             _pin_tracker_heads(model, self.pins.object_score, self.pins.iou_logit)
             _keep_birth_masks(model)
         elif self.present_objects:
@@ -159,7 +162,7 @@ class Instruments(Sam3Hooks):
         roots = session.held()
         tensors, python = held(roots)
         tracked = int((outputs.get("frame_stats") or {}).get("num_obj_tracked", 0))
-        buffered = len(roots["propagation"].get("hotstart_buffer") or ())
+        buffered = max((len(p.get("hotstart_buffer") or ()) for p in roots["propagation"]), default=0)
         self.frame_log.append(FrameRecord(session.emitted, tensors + python, tensors, tracked,
                                           _cuda_allocated(session.model.device), buffered))
 
@@ -194,10 +197,10 @@ class InstrumentedSam3Tracker(Sam3Tracker):
             self.on_warm_clip(label, seconds, self.warm_up_objects[label])
         return seconds
 
-    def _track(self, chunks, info, prompt, settings) -> Iterator[Detections]:
+    def _track(self, chunks, info, prompts, settings, prompt_frame=0) -> Iterator[Detections]:
         self.instruments.frame_log, self.instruments.tracker_log = [], []
         self.instruments.memory_frames.clear()
-        yield from super()._track(chunks, info, prompt, settings)
+        yield from super()._track(chunks, info, prompts, settings, prompt_frame)
 
     def memory_read(self) -> tuple[int, int]:
         """(frames the latest job's last tracked frame read from memory, the most it could): the
@@ -231,7 +234,7 @@ def _digest(tensor) -> str:
 
 def memoize_detector(model, owner: Any) -> None:
     """Memoize `detector.forward_grounding` (one frame through the detector) by the frame's
-    pixels and the prompt's text features, keeping only what sam3 reads of its output
+    pixels, the prompt's text features and its boxes, keeping only what sam3 reads of its output
     (sam3_image.py:820-866), cloned, so no session's state is held. `owner.detector_passes`
     counts the passes that ran."""
     from sam3.perflib.compile import recursive_clone
@@ -243,7 +246,10 @@ def memoize_detector(model, owner: Any) -> None:
     def forward_grounding(backbone_out, find_input, find_target, geometric_prompt):
         frame = backbone_out["img_batch_all_stages"][int(find_input.img_ids.reshape(-1)[0])]
         text = tuple(_digest(v) for k, v in sorted(backbone_out.items()) if k.startswith("language_"))
-        key = (_digest(frame), *text)
+        boxes = tuple(_digest(v) for v in (getattr(geometric_prompt, "box_embeddings", None),
+                                           getattr(geometric_prompt, "box_labels", None))
+                      if v is not None and v.numel())
+        key = (_digest(frame), *text, *boxes)
         if key not in cache:
             owner.detector_passes += 1
             out = original(backbone_out, find_input, find_target, geometric_prompt)
@@ -270,18 +276,24 @@ def memoize_detector(model, owner: Any) -> None:
     detector.backbone.forward_text = forward_text
 
 
-def _pin_detector(model, detections: tuple[Detection, ...]) -> None:
-    """Replace the scores and masks `detector.forward_grounding` gives (Pins)."""
+def _pin_detector(model, detections: tuple[Detection, ...], owner: Any) -> None:
+    """Replace the scores and masks `detector.forward_grounding` gives (Pins), while
+    `owner.pin_detector` says so."""
     import torch
 
     detector = model.detector
     original = detector.forward_grounding
     made: dict[frozenset[int], tuple[Any, Any]] = {}  # absent queries -> (logits, masks)
+    captions = _captions(detector)
 
     def forward_grounding(backbone_out, find_input, find_target, geometric_prompt):
         out = original(backbone_out, find_input, find_target, geometric_prompt)
+        if not owner.pin_detector:
+            return out
         frame = int(find_input.img_ids.reshape(-1)[0])
-        absent = frozenset(i for i, d in enumerate(detections) if frame in d.absent)
+        text = captions(backbone_out, find_input)
+        absent = frozenset(i for i, d in enumerate(detections)
+                           if frame in d.absent or (d.texts is not None and text not in d.texts))
         if absent not in made:
             logits = torch.full_like(out["pred_logits"], ABSENT_LOGIT)  # (1, queries, 1)
             masks = torch.full_like(out["pred_masks"], -MASK_LOGIT)     # (1, queries, h, w)
@@ -295,6 +307,27 @@ def _pin_detector(model, detections: tuple[Detection, ...]) -> None:
         return {**out, "pred_logits": logits.clone(), "pred_masks": masks.clone()}  # sam3 edits in place
 
     detector.forward_grounding = forward_grounding
+
+
+def _captions(detector) -> Callable[[dict, Any], str]:
+    """The text a detector query is for: the text encoder's outputs are recorded by their
+    features, and a query picks its caption by `text_ids` (SAM 3 encodes [text, "visual"])."""
+    encode_text = detector.backbone.forward_text
+    seen: dict[str, list[str]] = {}
+
+    def forward_text(captions, *args, **kwargs):
+        out = encode_text(captions, *args, **kwargs)
+        seen[_digest(out["language_features"])] = list(captions)
+        return out
+
+    detector.backbone.forward_text = forward_text
+
+    def caption(backbone_out, find_input) -> str:
+        texts = seen.get(_digest(backbone_out["language_features"]), [])
+        i = int(find_input.text_ids.reshape(-1)[0])
+        return texts[i] if i < len(texts) else ""
+
+    return caption
 
 
 def _pin_tracker_heads(model, object_score: float, iou_logit: float) -> None:

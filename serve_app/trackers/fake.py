@@ -7,8 +7,8 @@ Detections per frame in the order it takes them (forward from the prompt frame, 
 from it), ids stable across frames and new ids for shapes that appear later, a score fixed at
 the object's birth (its colour saturation, so pale shapes score low), each object's concept,
 boxes as normalised xywh derived from the masks, masks at video resolution. Exemplar boxes on
-the prompt frame select the shapes they overlap (their colour becomes a concept of its own,
--1) or, negative, drop them for good. It lets the whole service run, and be tested, without a
+the prompt frame select the shapes they overlap (their colour becomes a concept: the job's
+one concept, or -1 beside several) or, negative, drop them for good. It lets the whole service run, and be tested, without a
 GPU or weights.
 
 With `frame_delay_s` set (standing in for a GPU's time per frame) it runs as SAM 3 does: on
@@ -118,8 +118,9 @@ class ColorShapeTracker:
 
     def _exemplars(self, frame: np.ndarray, config: JobConfig,
                    wanted: list[tuple[str, int]]) -> tuple[list[tuple[str, int]], list[_Blob]]:
-        """On the prompt frame: a positive box's shapes make their colour a concept (-1, a
-        visual one) unless a text names it; a negative box's shapes are dropped."""
+        """On the prompt frame: a positive box's shapes make their colour a concept unless a text
+        names it (the job's one concept, as SAM 3 prompts one text with its boxes; -1, a
+        visual one, beside several); a negative box's shapes are dropped."""
         wanted, dropped = list(wanted), []
         for b in config.boxes:
             x, y, w, h = b.box
@@ -131,8 +132,9 @@ class ColorShapeTracker:
                     if not b.label:
                         dropped.append(_Blob(-1, colour, score, box, crop, -1))
                     elif all(c != colour for c, _ in wanted):
-                        wanted.append((colour, -1))
+                        wanted.append((colour, 0 if len(config.concepts) == 1 else -1))
         return wanted, dropped
+
     def _member(self, rgb: np.ndarray, colour: str) -> np.ndarray:
         """uint8 (h, w), 255 where a pixel of `rgb` counts as `colour`."""
         import cv2

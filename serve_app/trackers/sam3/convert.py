@@ -6,7 +6,8 @@ SAM 3 (`Sam3VideoInference._postprocess_output`) gives, per frame:
                                        was first found; it stays fixed for the object's life.
                                        This is the score `confidence_threshold` applies to;
 - `out_boxes_xywh`   float32 (N, 4)    normalised to [0, 1], derived from the masks;
-- `out_binary_masks` bool (N, H, W)    at the video's resolution.
+- `out_binary_masks` bool (N, H, W)    at the video's resolution;
+and the session adds `out_concepts` int16 (N,), each object's concept (session.Merged).
 """
 
 from __future__ import annotations
@@ -50,10 +51,16 @@ def to_detections(frame_index: int, outputs: Mapping[str, Any], height: int, wid
                              f"expected {want} for {n} objects on a {width}x{height} video")
     if len(np.unique(ids)) != n:
         raise ModelError(f"SAM 3 output for frame {frame_index} repeats object ids {ids.tolist()}")
+    concepts = outputs.get("out_concepts")
+    if concepts is not None:
+        concepts = _array(concepts).astype(np.int16, copy=False).reshape(-1)
+        if concepts.shape != (n,):
+            raise ModelError(f"SAM 3 output for frame {frame_index} names {concepts.shape[0]} concepts for {n} objects")
     return Detections(
         frame_index=frame_index,
         obj_ids=np.ascontiguousarray(ids),
         scores=np.ascontiguousarray(scores),
         boxes_xywh=np.ascontiguousarray(np.clip(boxes, 0.0, 1.0)),
         masks=np.ascontiguousarray(masks),
+        concepts=None if concepts is None else np.ascontiguousarray(concepts),
     )

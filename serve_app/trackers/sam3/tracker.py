@@ -97,9 +97,17 @@ class Sam3Tracker:
 
     # -- the Tracker protocol --------------------------------------------------------------
     def track(self, chunks: Iterable[FrameChunk], info: VideoInfo, config: JobConfig) -> Iterator[Detections]:
-        """Yield one Detections per frame. Closing the generator cancels the job at the next
-        frame boundary and returns once the session's memory is freed."""
-        yield from self._track(chunks, info, config.prompt, self.job_settings(config))
+        """Yield one Detections per frame, in the order they are tracked: forward from the
+        job's prompt frame, then backward from the frame before it. Closing the generator
+        cancels the job at the next frame boundary and returns once the session's memory is freed."""
+        from serve_app.trackers.sam3.session import state_prompts
+
+        width, height = info.display_size
+        boxes = [((x / width, y / height, w / width, h / height), b.label)
+                 for b, (x, y, w, h) in ((b, b.box) for b in config.boxes)]
+        prompts = state_prompts(config.concepts, [(tuple(min(max(v, 0.0), 1.0) for v in box), label)
+                                                  for box, label in boxes])
+        yield from self._track(chunks, info, prompts, self.job_settings(config), config.prompt_frame)
 
     def job_settings(self, config: JobConfig) -> dict[str, Any]:
         """SAM 3's settings for this job's session; max_objects is held to this replica's."""
@@ -110,26 +118,30 @@ class Sam3Tracker:
             log.info("job asks for up to %d objects; this replica tracks at most %d", config.max_objects, most)
         return detection_settings(config.confidence_threshold, most)
 
-    def _track(self, chunks: Iterable[FrameChunk], info: VideoInfo, prompt: str,
-               settings: Mapping[str, Any]) -> Iterator[Detections]:
+    def _track(self, chunks: Iterable[FrameChunk], info: VideoInfo, prompts: str | Sequence[Any],
+               settings: Mapping[str, Any], prompt_frame: int = 0) -> Iterator[Detections]:
+        """`prompts`: a text, or session.StatePrompt per SAM 3 inference state."""
         width, height = info.display_size
         if info.num_frames <= 0:
             return
         yield from stream(
-            self._worker, lambda model, job: self._run(model, job, info.num_frames, height, width, prompt, settings),
+            self._worker,
+            lambda model, job: self._run(model, job, info.num_frames, height, width, prompts, settings, prompt_frame),
             chunks,
         )
 
     # -- on the model thread ----------------------------------------------------------------
-    def _run(self, model, job: Feed, num_frames: int, height: int, width: int, prompt: str,
-             settings: Mapping[str, Any]) -> Iterator[None]:
+    def _run(self, model, job: Feed, num_frames: int, height: int, width: int, prompts: str | Sequence[Any],
+             settings: Mapping[str, Any], prompt_frame: int = 0) -> Iterator[None]:
         """One job's session, a step per emitted frame: the worker interleaves it with the
         replica's other sessions (worker.ModelWorker)."""
         from serve_app.trackers.sam3.convert import to_detections
         from serve_app.trackers.sam3.frames import LazyFrames
         from serve_app.trackers.sam3.session import Session
 
-        frames = LazyFrames(num_frames, job.pull, model.device, expected_size=(height, width))
+        several = not isinstance(prompts, str) and len(prompts) > 1
+        frames = LazyFrames(num_frames, job.pull, model.device, expected_size=(height, width),
+                            prompt_frame=prompt_frame, keep_behind=self.hotstart_delay + 2 if several else 0)
         job.holding = frames.holding
         session = None
         last: list[dict] = [{}]
@@ -144,14 +156,15 @@ class Sam3Tracker:
 
         recompiles_before = self.compiled.total_recompiles if self.compiled else 0
         try:
-            session = Session(model, frames, num_frames, height, width, trim=self.config.trim_memory)
+            session = Session(model, frames, num_frames, height, width, trim=self.config.trim_memory,
+                              prompt_frame=prompt_frame)
             around = self.compiled.serving if self.compiled else contextlib.nullcontext
-            for _ in session.steps(prompt, emit, settings, around):
+            for _ in session.steps(prompts, emit, settings, around):
                 self.hooks.after_frame(session, last[0])  # the frame was emitted and the session trimmed
                 job.checkpoint()
                 yield
-            if session.emitted != num_frames - 1:
-                raise ModelError(f"SAM 3 emitted {session.emitted + 1} frames of {num_frames}")
+            if session.count != num_frames:
+                raise ModelError(f"SAM 3 emitted {session.count} frames of {num_frames}")
             job.emit(DONE)
         except ServiceError:
             raise
