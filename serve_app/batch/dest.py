@@ -16,18 +16,17 @@ are removed when the next one starts.
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import json
 import os
 import re
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
 from serve_app.batch.manifest import Item
 from serve_app.contract import JobConfig, size
-from serve_app.errors import InputUnreadable, InsufficientStorage, InvalidBatch, StoreUnavailable, UploadTooLarge
+from serve_app.errors import InputUnreadable, InvalidBatch, UploadTooLarge
+from serve_app.jobs.store import write_whole
 
 MARKER, RESULTS, LOCK = ".done.json", "results.jsonl", ".sam3-batch.lock"
 PART = re.compile(r"\..+\.part-[0-9a-f]{8}")
@@ -175,18 +174,9 @@ class Dest:
     def write(self, name: str, data: bytes) -> None:
         """`data` under a hidden temporary name, moved into place once whole. A DEST that cannot
         be written stops the batch (every input after would fail the same way)."""
-        folder, base = self.path(name).rsplit("/", 1)
-        part = f"{folder}/.{base}.part-{uuid.uuid4().hex[:8]}"
-        try:
-            self.fs.makedirs(folder, exist_ok=True)
-            self.fs.pipe_file(part, data)
-            self.fs.mv(part, f"{folder}/{base}")
-        except OSError as exc:
-            with contextlib.suppress(OSError):
-                self.fs.rm(part)
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise InsufficientStorage(f"--out {self.url} is full: {name} could not be written") from None
-            raise StoreUnavailable(f"--out {self.url} cannot be written: {name}: {exc.strerror or exc}") from None
+        write_whole(self.fs, self.path(name), lambda part: self.fs.pipe_file(part, data),
+                    f"--out {self.url} is full: {{name}} could not be written",
+                    f"--out {self.url} cannot be written: {{name}}: {{reason}}")
 
     def finish(self, item: Item, source: Source, sha256: str, files: dict[str, bytes], frames: int,
                seconds: float) -> None:

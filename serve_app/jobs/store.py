@@ -64,6 +64,29 @@ JOBS = sa.Table(
 ORPHAN_S = 600.0  # a job's folder or part this old with no record is left over (an upload takes seconds)
 
 
+def write_whole(fs: Any, final: str, put: Callable[[str], None], full: str, unwritable: str) -> None:
+    """`put(part)` writes a hidden temporary name beside `final`, moved into place once whole:
+    never seen half-written, and a write that fails (a full disk) leaves no part behind. `full`
+    and `unwritable` are the errors' messages ({name}: the file, {reason}: the OS's words)."""
+    folder, name = final.rsplit("/", 1)
+    part = f"{folder}/.{name}.part-{uuid.uuid4().hex[:8]}"
+    try:
+        fs.makedirs(folder, exist_ok=True)  # object stores have no folders: a no-op
+        put(part)
+        fs.mv(part, final)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            fs.rm(part)
+        reason = exc.strerror or str(exc)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise InsufficientStorage(_say(full, name, reason)) from None
+        raise StoreUnavailable(_say(unwritable, name, reason)) from None
+
+
+def _say(message: str, name: str, reason: str) -> str:
+    return message.replace("{name}", name).replace("{reason}", reason)  # not format: a URL may hold braces
+
+
 @dataclass
 class JobRow:
     id: str
@@ -129,20 +152,8 @@ class JobStore:
         return f"{self.root}/{job_id}/{name}"
 
     def _write(self, final: str, put: Callable[[str], None]) -> None:
-        """`put(part)` writes a temporary name, moved into place once whole: never seen half-written,
-        and a write that fails (a full disk) leaves no part behind."""
-        folder, name = final.rsplit("/", 1)
-        part = f"{folder}/.{name}.part-{uuid.uuid4().hex[:8]}"
-        try:
-            self.fs.makedirs(folder, exist_ok=True)  # object stores have no folders: a no-op
-            put(part)
-            self.fs.mv(part, final)
-        except OSError as exc:
-            with contextlib.suppress(OSError):
-                self.fs.rm(part)
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise InsufficientStorage(f"the job store is full: {name} could not be written ({exc.strerror})") from None
-            raise StoreUnavailable(f"the job store cannot write {name}: {exc.strerror or exc}") from None
+        write_whole(self.fs, final, put, "the job store is full: {name} could not be written ({reason})",
+                    "the job store cannot write {name}: {reason}")
 
     def put_file(self, job_id: str, name: str, local_path: str) -> None:
         self._write(self.path(job_id, name), lambda part: self.fs.put_file(local_path, part))
