@@ -24,7 +24,10 @@ def start(store: Path, port: int, log: Path) -> subprocess.Popen:
                "--arg", f"job_store={store}", "--arg", "tracker_max_ongoing_requests=1",
                "--arg", "job_min_free_bytes=0", "--arg", "graceful_shutdown_timeout_s=10"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}  # its replicas import the scripted tracker
-    server = subprocess.Popen(command, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT)
+    # SIGINT's default back in the server even where the tests run with it ignored (a shell's
+    # background job passes that on, and the Ctrl-C stop below would never arrive)
+    server = subprocess.Popen(command, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     up = wait_until(lambda: server.poll() is not None or _healthy(port), timeout_s=120, interval_s=0.5)
     assert up and server.poll() is None, log.read_text()[-3000:]
     return server
@@ -55,7 +58,11 @@ def test_a_graceful_stop_twice_in_a_row_loses_no_job_and_counts_no_attempt(tmp_p
             assert wait_until(lambda: httpx.get(f"{base}/v2/job/async/{job}/job.json").json()["progress"]
                               ["frames_done"] > 0, timeout_s=60, interval_s=0.2), "the job never started"
             server.send_signal(stop)
-            assert server.wait(120) == 0, log.read_text()[-3000:]
+            try:
+                code = server.wait(120)
+            except subprocess.TimeoutExpired:
+                code = "still running 120 s after the signal"
+            assert code == 0, log.read_text()[-3000:]
         finally:
             if server.poll() is None:
                 server.kill()

@@ -197,7 +197,16 @@ class Interrupting(LocalSegmenter):
         return result
 
 
-def test_ctrl_c_keeps_what_finished_and_a_rerun_does_only_the_rest(tmp_path, shapes):
+@pytest.fixture
+def sigint_raises():
+    """Ctrl-C raises KeyboardInterrupt here even where the tests were started with SIGINT
+    ignored (a shell's background job), where interrupt_main would do nothing."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_keeps_what_finished_and_a_rerun_does_only_the_rest(tmp_path, shapes, sigint_raises):
     manifest = tmp_path / "m.jsonl"
     manifest.write_text("".join(json.dumps({"input": str(shapes), "config": {"prompt": "red"}, "output": f"o{i}"})
                                 + "\n" for i in range(6)))

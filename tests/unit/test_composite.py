@@ -19,8 +19,11 @@ def sam3_render(frame, dets, alpha):
 
 
 def test_palette_is_sam3s_palette():
+    """sam3 makes its palette at import with k-means, whose last bits depend on the CPU's
+    arithmetic (2e-15 apart on an AVX2 machine from the AVX-512 one ours was taken on): equal
+    far below what moves a pixel."""
     vis = pytest.importorskip("sam3.visualization_utils")
-    assert np.array_equal(COLORS, vis.COLORS)
+    np.testing.assert_allclose(COLORS, vis.COLORS, rtol=0, atol=1e-9)
 
 
 @pytest.mark.parametrize("alpha", [0.5, 0.0, 1.0, 0.37])
