@@ -103,10 +103,9 @@ class Sam3Tracker:
         from serve_app.trackers.sam3.session import state_prompts
 
         width, height = info.display_size
-        boxes = [((x / width, y / height, w / width, h / height), b.label)
-                 for b, (x, y, w, h) in ((b, b.box) for b in config.boxes)]
-        prompts = state_prompts(config.concepts, [(tuple(min(max(v, 0.0), 1.0) for v in box), label)
-                                                  for box, label in boxes])
+        scale = (width, height, width, height)  # boxes are in the pixels a player shows
+        boxes = [(tuple(min(max(v / s, 0.0), 1.0) for v, s in zip(b.box, scale)), b.label) for b in config.boxes]
+        prompts = state_prompts(config.concepts, boxes)
         yield from self._track(chunks, info, prompts, self.job_settings(config), config.prompt_frame)
 
     def job_settings(self, config: JobConfig) -> dict[str, Any]:
